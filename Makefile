@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test unit integration bench lint check-config clean
+
+$(STAMP): requirements.txt requirements-dev.txt setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+## run: set up and start the gateway on the bundled example (curl localhost:8080/api/demo/hello)
+run: $(STAMP)
+	examples/demo/run.sh
+
+## test: set up and run the whole suite
+test: $(STAMP)
+	$(PY) -m pytest
+
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit
+
+integration: $(STAMP)
+	$(PY) -m pytest tests/integration
+
+## bench: gateway vs a minimal proxy floor, both in front of nginx
+bench: $(STAMP)
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || \
+		(apt-get update -qq && apt-get install -y -qq nginx wrk >/dev/null)
+	@command -v wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
+	$(PY) -m bench.run
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+check-config: $(STAMP)
+	$(VENV)/bin/odin-gw check-config $(or $(CONFIG),examples/demo/config.yaml)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

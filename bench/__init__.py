@@ -1,0 +1,1 @@
+"""Odin benchmark harness (``python -m bench.run``)."""

@@ -1,0 +1,133 @@
+"""Admin JSON API under ``/admin/``, behind a bearer token compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+
+from flask import Blueprint, current_app, jsonify, request
+
+from .errors import GatewayError
+from .mesh.snapshot import Endpoint
+
+admin_bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+
+class AdminDenied(GatewayError):
+    """No admin token is configured: every admin request is refused."""
+
+    status = 403
+    code = "admin_disabled"
+
+
+class AdminUnauthorized(GatewayError):
+    """The request carries no valid admin bearer token."""
+
+    status = 401
+    code = "unauthorized"
+
+
+@admin_bp.before_request
+def _authorize() -> None:
+    token = current_app.extensions["odin"].config.admin.token
+    if not token:
+        raise AdminDenied("admin API disabled: set admin.token to enable it")
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        raise AdminUnauthorized("missing or wrong admin bearer token")
+
+
+@admin_bp.after_request
+def _no_store(response):
+    response.headers["Cache-Control"] = "no-store"
+    if response.status_code == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="odin-admin"'
+    return response
+
+
+@admin_bp.get("/routes")
+def routes():
+    gateway = current_app.extensions["odin"]
+    return jsonify(
+        routes=[
+            {
+                "service": r.name,
+                "basePath": r.base_path,
+                "stripBasePath": r.strip_base_path,
+                "meshService": r.mesh_service,
+                "loadBalancing": r.balancer.name,
+                "timeout": r.timeout.read_timeout,
+                "connectTimeout": r.timeout.connect_timeout,
+                "retries": r.retries,
+                "preserveHost": r.preserve_host,
+            }
+            for r in gateway.routes
+        ]
+    )
+
+
+@admin_bp.get("/services")
+def services():
+    gateway = current_app.extensions["odin"]
+    snap = gateway.mesh.snapshot
+    age = snap.age()
+    out = []
+    for route in gateway.routes:
+        service, active, dc = gateway.view(route)
+        active_keys = {e.key for e in active}
+        out.append(
+            {
+                "name": route.name,
+                "basePath": route.base_path,
+                "meshService": route.mesh_service,
+                "source": service.source,
+                "servingDatacenter": dc,
+                "datacenters": [d for d in service.datacenters if d],
+                "targets": [_endpoint(e, route, e.key in active_keys) for e in service.endpoints],
+            }
+        )
+    return jsonify(
+        mesh=gateway.mesh.mesh.kind,
+        snapshotAgeSeconds=None if age is None else round(age, 3),
+        snapshotVersion=snap.version,
+        services=out,
+    )
+
+
+def _endpoint(e: Endpoint, route, active: bool) -> dict:
+    doc = e.to_dict()
+    doc["url"] = f"{e.scheme}://{e.address}:{e.port}"
+    doc["active"] = active
+    doc["passive"] = route.health.status(e.key)
+    return doc
+
+
+@admin_bp.get("/config")
+def config():
+    gateway = current_app.extensions["odin"]
+    return jsonify(gateway.config.redacted())
+
+
+@admin_bp.get("/mesh")
+def mesh():
+    gateway = current_app.extensions["odin"]
+    return jsonify(gateway.mesh.status())
+
+
+@admin_bp.post("/mesh/refresh")
+def refresh():
+    gateway = current_app.extensions["odin"]
+    gateway.mesh.refresh_now()
+    response = jsonify(triggered=True, leaderPid=gateway.mesh.snapshot.leader_pid)
+    response.status_code = 202
+    return response
+
+
+@admin_bp.route("/", defaults={"rest": ""}, methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+@admin_bp.route("/<path:rest>", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+def unknown(rest: str):
+    from .errors import RouteNotFound
+
+    raise RouteNotFound("no such admin endpoint", path=request.path)

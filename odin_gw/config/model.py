@@ -1,0 +1,180 @@
+"""The loaded configuration as frozen values: built once at start-up, read on every request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SECRET_KEYS = frozenset({"token", "password", "secret", "authorization"})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    timeout: float = 30.0
+    read_timeout: float = 60.0
+    write_timeout: float = 60.0
+    connect_timeout: float = 5.0
+    workers: int | None = None
+    threads: int | None = None
+    worker_class: str = "gthread"
+    graceful_timeout: float = 30.0
+    keepalive: float = 5.0
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    json: bool = False
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    enabled: bool = False
+    path: str = "/metrics"
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """A static target: an absolute ``http``/``https`` URL with an optional weight."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class PassiveHealthConfig:
+    consecutive_failures: int = 2
+    eject_for: float = 5.0
+    max_eject_for: float = 60.0
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    base_path: str
+    targets: tuple[Target, ...] = ()
+    strip_base_path: bool = False
+    timeout: float | None = None
+    connect_timeout: float | None = None
+    load_balancing: str = "round-robin"
+    headers: tuple[tuple[str, str], ...] = ()
+    retries: int = 1
+    preserve_host: bool = False
+    mesh_service: str | None = None
+    passive_health: PassiveHealthConfig = field(default_factory=PassiveHealthConfig)
+
+
+@dataclass(frozen=True)
+class IstioConfig:
+    pilot_addr: str | None = None
+    mixer_addr: str | None = None
+    enable_telemetry: bool = True
+    enable_policy_check: bool = False
+    custom_headers: tuple[str, ...] = ()
+    inject_sidecar: bool = True
+
+
+@dataclass(frozen=True)
+class LinkerdConfig:
+    control_plane_addr: str | None = None
+    tap_addr: str | None = None
+    enable_tap: bool = False
+    profile_namespace: str | None = None
+
+
+@dataclass(frozen=True)
+class ConsulConfig:
+    http_addr: str = "http://127.0.0.1:8500"
+    datacenter: str | None = None
+    datacenters: tuple[str, ...] = ()
+    token: str | None = None
+    namespace: str | None = None
+    enable_connect: bool = False
+    service_name: str = "odin-gateway"
+    forward_token: bool = False
+    accept_warning: bool = False
+    timeout: float = 10.0
+    blocking_wait: float = 300.0
+    min_query_interval: float = 0.5
+
+    @property
+    def all_datacenters(self) -> tuple[str | None, ...]:
+        """The datacenters to ask, local first (``None`` = the agent's own)."""
+        if self.datacenters:
+            return self.datacenters
+        return (self.datacenter,)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    enabled: bool = False
+    type: str = "none"
+    namespace: str = "default"
+    refresh_interval: float = 30.0
+    trust_domain: str | None = None
+    mtls_enabled: bool = False
+    cert_file: str | None = None
+    key_file: str | None = None
+    ca_file: str | None = None
+    state_dir: str | None = None
+    ready_grace_period: float = 10.0
+    istio: IstioConfig = field(default_factory=IstioConfig)
+    linkerd: LinkerdConfig = field(default_factory=LinkerdConfig)
+    consul: ConsulConfig = field(default_factory=ConsulConfig)
+
+    @property
+    def kind(self) -> str:
+        """The mesh in effect: ``none`` unless enabled with a type."""
+        return self.type if self.enabled else "none"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The whole configuration. ``raw`` is the expanded YAML tree (secrets included)."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    services: tuple[ServiceConfig, ...] = ()
+    service_mesh: MeshConfig = field(default_factory=MeshConfig)
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+    notices: tuple[str, ...] = ()
+
+    def reserved_paths(self) -> tuple[str, ...]:
+        """Paths the gateway answers itself; no service may live under them."""
+        paths = ["/admin", "/health", "/ready", "/live"]
+        paths.append(self.monitoring.path)
+        return tuple(dict.fromkeys(paths))
+
+    def redacted(self) -> dict:
+        """The raw tree with every secret value replaced by ``"<redacted>"``."""
+        return _redact(self.raw)
+
+
+def _redact(tree: object) -> object:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            if str(key).lower() in SECRET_KEYS and value not in (None, ""):
+                out[key] = "<redacted>"
+            elif str(key) == "headers" and isinstance(value, dict):
+                out[key] = {
+                    h: ("<redacted>" if h.lower() in SECRET_KEYS else v) for h, v in value.items()
+                }
+            else:
+                out[key] = _redact(value)
+        return out
+    if isinstance(tree, list):
+        return [_redact(v) for v in tree]
+    return tree

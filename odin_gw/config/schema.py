@@ -1,0 +1,371 @@
+"""Marshmallow schemas, one per config section; each builds its frozen model on load."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from marshmallow import (
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    post_load,
+    validate,
+    validates_schema,
+)
+
+from . import model
+from .durations import parse_duration
+
+LOAD_BALANCING = ("round-robin", "random", "weighted", "least-request")
+MESH_TYPES = ("istio", "linkerd", "consul", "none")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class Duration(fields.Field):
+    """A duration in seconds; see :func:`parse_duration` for the accepted forms."""
+
+    def __init__(self, *, positive: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.positive = positive
+
+    def _deserialize(self, value, attr, data, **kwargs) -> float:
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from exc
+        if self.positive and seconds <= 0:
+            raise ValidationError("must be greater than zero")
+        return seconds
+
+
+class TargetField(fields.Field):
+    """A target URL string, or ``{url: ..., weight: N}``."""
+
+    def _deserialize(self, value, attr, data, **kwargs) -> model.Target:
+        weight = 1
+        if isinstance(value, dict):
+            unknown = set(value) - {"url", "weight"}
+            if unknown:
+                raise ValidationError(f"unknown field(s) {', '.join(sorted(unknown))}")
+            weight = value.get("weight", 1)
+            if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+                raise ValidationError("weight must be a whole number >= 1")
+            value = value.get("url")
+        if not isinstance(value, str):
+            raise ValidationError("must be a URL such as http://10.0.0.5:8080")
+        return parse_target(value, weight)
+
+
+def parse_target(url: str, weight: int = 1) -> model.Target:
+    """Parse and check one target URL; raises ``ValidationError`` saying what is wrong."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValidationError(f"invalid URL {url!r}: {exc}") from exc
+    if parts.scheme not in ("http", "https"):
+        raise ValidationError(f"invalid URL {url!r}: scheme must be http or https")
+    if not parts.hostname:
+        raise ValidationError(f"invalid URL {url!r}: no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValidationError(f"invalid URL {url!r}: a target is scheme://host[:port] only")
+    if parts.username or parts.password:
+        raise ValidationError(f"invalid URL {url!r}: credentials do not belong in a target")
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    return model.Target(url=url, scheme=parts.scheme, host=parts.hostname, port=port, weight=weight)
+
+
+class Section(Schema):
+    class Meta:
+        unknown = RAISE
+
+
+class ServerSchema(Section):
+    host = fields.String(load_default="0.0.0.0")
+    port = fields.Integer(load_default=8080, validate=validate.Range(1, 65535))
+    timeout = Duration(load_default=30.0)
+    read_timeout = Duration(data_key="readTimeout", load_default=60.0)
+    write_timeout = Duration(data_key="writeTimeout", load_default=60.0)
+    connect_timeout = Duration(data_key="connectTimeout", load_default=5.0)
+    workers = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(1, 256))
+    threads = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(1, 1024))
+    worker_class = fields.String(
+        data_key="workerClass", load_default="gthread", validate=validate.OneOf(("gthread", "sync"))
+    )
+    graceful_timeout = Duration(data_key="gracefulTimeout", load_default=30.0)
+    keepalive = Duration(load_default=5.0)
+
+    @post_load
+    def build(self, data, **kwargs):
+        return model.ServerConfig(**data)
+
+
+class LoggingSchema(Section):
+    level = fields.String(
+        load_default="info",
+        validate=validate.OneOf(LOG_LEVELS),
+    )
+    json = fields.Boolean(load_default=False)
+    access_log = fields.Boolean(data_key="accessLog", load_default=True)
+
+    @post_load
+    def build(self, data, **kwargs):
+        return model.LoggingConfig(**data)
+
+
+class MonitoringSchema(Section):
+    enabled = fields.Boolean(load_default=False)
+    path = fields.String(load_default="/metrics", validate=validate.Regexp(r"^/[A-Za-z0-9_./-]*$"))
+
+    @post_load
+    def build(self, data, **kwargs):
+        return model.MonitoringConfig(**data)
+
+
+class AdminSchema(Section):
+    token = fields.String(load_default=None, allow_none=True)
+
+    @post_load
+    def build(self, data, **kwargs):
+        return model.AdminConfig(token=data["token"] or None)
+
+
+class PassiveHealthSchema(Section):
+    consecutive_failures = fields.Integer(
+        data_key="consecutiveFailures", load_default=2, validate=validate.Range(1, 1000)
+    )
+    eject_for = Duration(data_key="ejectFor", load_default=5.0)
+    max_eject_for = Duration(data_key="maxEjectFor", load_default=60.0)
+
+    @post_load
+    def build(self, data, **kwargs):
+        return model.PassiveHealthConfig(**data)
+
+
+class ServiceSchema(Section):
+    name = fields.String(required=True, validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"))
+    base_path = fields.String(data_key="basePath", required=True)
+    targets = fields.List(TargetField(), load_default=list)
+    strip_base_path = fields.Boolean(data_key="stripBasePath", load_default=False)
+    timeout = Duration(load_default=None, allow_none=True)
+    connect_timeout = Duration(data_key="connectTimeout", load_default=None, allow_none=True)
+    load_balancing = fields.String(
+        data_key="loadBalancing",
+        load_default="round-robin",
+        validate=validate.OneOf(LOAD_BALANCING),
+    )
+    headers = fields.Dict(keys=fields.String(), values=fields.String(), load_default=dict)
+    retries = fields.Integer(load_default=1, validate=validate.Range(0, 10))
+    preserve_host = fields.Boolean(data_key="preserveHost", load_default=False)
+    mesh_service = fields.String(data_key="meshService", load_default=None, allow_none=True)
+    passive_health = fields.Nested(
+        PassiveHealthSchema, data_key="passiveHealth", load_default=model.PassiveHealthConfig
+    )
+
+    @validates_schema
+    def check(self, data, **kwargs):
+        base = data.get("base_path")
+        if base is not None:
+            problems = _base_path_problems(base)
+            if problems:
+                raise ValidationError(problems, "basePath")
+        for name, value in (data.get("headers") or {}).items():
+            if not _is_token(name):
+                raise ValidationError(f"{name!r} is not a valid header name", "headers")
+            if any(c in value for c in "\r\n\0"):
+                raise ValidationError(f"value of {name} contains CR, LF or NUL", "headers")
+
+    @post_load
+    def build(self, data, **kwargs):
+        data["base_path"] = _normalize_base(data["base_path"])
+        data["targets"] = tuple(data["targets"])
+        data["headers"] = tuple(data["headers"].items())
+        return model.ServiceConfig(**data)
+
+
+class IstioSchema(Section):
+    pilot_addr = fields.String(data_key="pilotAddr", load_default=None, allow_none=True)
+    mixer_addr = fields.String(data_key="mixerAddr", load_default=None, allow_none=True)
+    enable_telemetry = fields.Boolean(data_key="enableTelemetry", load_default=True)
+    enable_policy_check = fields.Boolean(data_key="enablePolicyCheck", load_default=False)
+    custom_headers = fields.List(
+        fields.String(validate=validate.Regexp(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")),
+        data_key="customHeaders",
+        load_default=list,
+    )
+    inject_sidecar = fields.Boolean(data_key="injectSidecar", load_default=True)
+
+    @post_load
+    def build(self, data, **kwargs):
+        data["custom_headers"] = tuple(data["custom_headers"])
+        return model.IstioConfig(**data)
+
+
+class LinkerdSchema(Section):
+    control_plane_addr = fields.String(
+        data_key="controlPlaneAddr", load_default=None, allow_none=True
+    )
+    tap_addr = fields.String(data_key="tapAddr", load_default=None, allow_none=True)
+    enable_tap = fields.Boolean(data_key="enableTap", load_default=False)
+    profile_namespace = fields.String(
+        data_key="profileNamespace", load_default=None, allow_none=True
+    )
+
+    @post_load
+    def build(self, data, **kwargs):
+        return model.LinkerdConfig(**data)
+
+
+class ConsulSchema(Section):
+    http_addr = fields.String(data_key="httpAddr", load_default="http://127.0.0.1:8500")
+    datacenter = fields.String(load_default=None, allow_none=True)
+    datacenters = fields.List(fields.String(validate=validate.Length(min=1)), load_default=list)
+    token = fields.String(load_default=None, allow_none=True)
+    namespace = fields.String(load_default=None, allow_none=True)
+    enable_connect = fields.Boolean(data_key="enableConnect", load_default=False)
+    service_name = fields.String(data_key="serviceName", load_default="odin-gateway")
+    forward_token = fields.Boolean(data_key="forwardToken", load_default=False)
+    accept_warning = fields.Boolean(data_key="acceptWarning", load_default=False)
+    timeout = Duration(load_default=10.0)
+    blocking_wait = Duration(data_key="blockingWait", load_default=300.0)
+    min_query_interval = Duration(data_key="minQueryInterval", load_default=0.5, positive=False)
+
+    @validates_schema
+    def check(self, data, **kwargs):
+        addr = data.get("http_addr")
+        if addr is not None:
+            parts = urlsplit(addr)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValidationError(
+                    f"{addr!r} must be http://host:port or https://host:port", "httpAddr"
+                )
+        wait = data.get("blocking_wait")
+        if wait is not None and wait > 600:
+            raise ValidationError("Consul caps blocking waits at 10m", "blockingWait")
+        dcs = data.get("datacenters") or []
+        if len(set(dcs)) != len(dcs):
+            raise ValidationError("a datacenter is listed twice", "datacenters")
+        if dcs and data.get("datacenter") and data["datacenter"] != dcs[0]:
+            raise ValidationError(
+                "datacenter must be the first entry of datacenters (the local one)",
+                "datacenter",
+            )
+
+    @post_load
+    def build(self, data, **kwargs):
+        data["datacenters"] = tuple(data["datacenters"])
+        data["token"] = data["token"] or None
+        if data["datacenters"] and not data["datacenter"]:
+            data["datacenter"] = data["datacenters"][0]
+        return model.ConsulConfig(**data)
+
+
+class MeshSchema(Section):
+    enabled = fields.Boolean(load_default=False)
+    type = fields.String(load_default="none", validate=validate.OneOf(MESH_TYPES))
+    namespace = fields.String(load_default="default")
+    refresh_interval = Duration(data_key="refreshInterval", load_default=30.0)
+    trust_domain = fields.String(data_key="trustDomain", load_default=None, allow_none=True)
+    mtls_enabled = fields.Boolean(data_key="mtlsEnabled", load_default=False)
+    cert_file = fields.String(data_key="certFile", load_default=None, allow_none=True)
+    key_file = fields.String(data_key="keyFile", load_default=None, allow_none=True)
+    ca_file = fields.String(data_key="caFile", load_default=None, allow_none=True)
+    state_dir = fields.String(data_key="stateDir", load_default=None, allow_none=True)
+    ready_grace_period = Duration(data_key="readyGracePeriod", load_default=10.0, positive=False)
+    istio = fields.Nested(IstioSchema, load_default=model.IstioConfig)
+    linkerd = fields.Nested(LinkerdSchema, load_default=model.LinkerdConfig)
+    consul = fields.Nested(ConsulSchema, load_default=model.ConsulConfig)
+
+    @validates_schema
+    def check(self, data, **kwargs):
+        if not data.get("enabled") or not data.get("mtls_enabled"):
+            return
+        consul = data.get("consul")
+        if data.get("type") == "consul" and consul is not None and consul.enable_connect:
+            return  # Connect supplies the certificates
+        if data.get("type") == "istio" and data.get("istio", model.IstioConfig()).inject_sidecar:
+            return  # the sidecar does mTLS
+        missing = [k for k, a in _TLS_FILES.items() if not data.get(a)]
+        if missing:
+            raise ValidationError(
+                f"mtlsEnabled needs {', '.join(missing)} (or consul.enableConnect)", "mtlsEnabled"
+            )
+
+    @post_load
+    def build(self, data, **kwargs):
+        return model.MeshConfig(**data)
+
+
+_TLS_FILES = {"certFile": "cert_file", "keyFile": "key_file", "caFile": "ca_file"}
+
+
+class GatewaySchema(Section):
+    server = fields.Nested(ServerSchema, load_default=model.ServerConfig)
+    logging = fields.Nested(LoggingSchema, load_default=model.LoggingConfig)
+    monitoring = fields.Nested(MonitoringSchema, load_default=model.MonitoringConfig)
+    admin = fields.Nested(AdminSchema, load_default=model.AdminConfig)
+    services = fields.List(fields.Nested(ServiceSchema), load_default=list)
+    service_mesh = fields.Nested(MeshSchema, data_key="serviceMesh", load_default=model.MeshConfig)
+
+    @validates_schema(skip_on_field_errors=False, pass_original=True)
+    def check_services(self, data, original, **kwargs):
+        services = data.get("services") or []
+        given = original.get("services") if isinstance(original, dict) else None
+        if (
+            not isinstance(given, list)
+            or len(services) != len(given)
+            or not all(isinstance(s, model.ServiceConfig) for s in services)
+        ):
+            return  # an entry failed on its own; its siblings' indices would be wrong
+        monitoring = data.get("monitoring")
+        if not isinstance(monitoring, model.MonitoringConfig):
+            monitoring = model.MonitoringConfig()
+        mesh = data.get("service_mesh")
+        if not isinstance(mesh, model.MeshConfig):
+            mesh = model.MeshConfig()
+        reserved = model.GatewayConfig(monitoring=monitoring).reserved_paths()
+        errors: dict[int, dict[str, list[str]]] = {}
+
+        def add(i: int, key: str, message: str) -> None:
+            errors.setdefault(i, {}).setdefault(key, []).append(message)
+
+        names: dict[str, int] = {}
+        bases: dict[str, int] = {}
+        for i, svc in enumerate(services):
+            if svc.name in names:
+                add(i, "name", f"duplicate of services[{names[svc.name]}]")
+            names.setdefault(svc.name, i)
+            if svc.base_path in bases:
+                add(i, "basePath", f"duplicate of services[{bases[svc.base_path]}]")
+            bases.setdefault(svc.base_path, i)
+            for path in reserved:
+                if svc.base_path == path or svc.base_path.startswith(path.rstrip("/") + "/"):
+                    add(i, "basePath", f"{svc.base_path} is under the reserved path {path}")
+            if mesh.kind == "none" and not svc.targets:
+                add(i, "targets", "at least one target is needed when serviceMesh is off")
+        if errors:
+            raise ValidationError({"services": errors})
+
+
+def _is_token(name: str) -> bool:
+    return bool(name) and all(c.isalnum() or c in "!#$%&'*+-.^_`|~" for c in name)
+
+
+def _base_path_problems(base: str) -> list[str]:
+    if not base.startswith("/"):
+        return ["must start with /"]
+    segments = [s for s in base.split("/") if s]
+    if any(s in (".", "..") for s in segments):
+        return ["must not contain . or .. segments"]
+    if any(c in base for c in "?#%* \t"):
+        return ["must be a plain path (no ?, #, %, * or spaces)"]
+    if "//" in base:
+        return ["must not contain empty segments (//)"]
+    return []
+
+
+def _normalize_base(base: str) -> str:
+    stripped = base.rstrip("/")
+    return stripped or "/"

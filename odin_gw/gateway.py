@@ -1,0 +1,76 @@
+"""The gateway's per-process state: routes, mesh view, upstream session, metrics."""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import MappingProxyType
+
+from .config.model import GatewayConfig
+from .mesh.headers import injectors_for
+from .mesh.manager import MeshManager
+from .mesh.snapshot import Endpoint, ServiceEndpoints, Snapshot
+from .mesh.tls import TlsMaterial
+from .metrics import GatewayMetrics
+from .proxy.forwarder import Forwarder
+from .proxy.transport import UpstreamSession
+from .routing import Route, RouteTable
+
+log = logging.getLogger("odin_gw")
+
+DEFAULT_THREADS = 64
+
+
+class Gateway:
+    """Everything a request needs, built once per process by the app factory.
+
+    ``candidates(route)`` is the hot-path read: a dict lookup in a table rebuilt (and
+    swapped whole) whenever the mesh snapshot changes.
+    """
+
+    def __init__(self, config: GatewayConfig, manager: MeshManager | None = None) -> None:
+        self.config = config
+        self.routes = RouteTable.from_config(config)
+        self.metrics = GatewayMetrics()
+        self.injectors = injectors_for(config)
+        threads = config.server.threads or int(os.environ.get("ODIN_THREADS") or DEFAULT_THREADS)
+        self.session = UpstreamSession(pool_size=threads)
+        self._views: MappingProxyType = MappingProxyType({})
+        self.mesh = manager or MeshManager(config, self.metrics, self._on_snapshot)
+        self._on_snapshot(self.mesh.snapshot, self.mesh.tls)
+        self.forwarder = Forwarder(self)
+
+    def start(self) -> None:
+        self.mesh.start()
+
+    def stop(self) -> None:
+        self.mesh.stop()
+        self.session.close()
+
+    # -- hot path ---------------------------------------------------------------------
+    def candidates(self, route: Route) -> tuple[Endpoint, ...]:
+        view = self._views.get(route.name)
+        return view[1] if view is not None else ()
+
+    # -- snapshot changes -------------------------------------------------------------
+    def _on_snapshot(self, snapshot: Snapshot, tls: TlsMaterial | None) -> None:
+        if tls is not self.session.adapter.material:
+            try:
+                self.session.use_material(tls)
+            except Exception as exc:  # keep the old adapter: never fail requests for this
+                log.warning("new TLS material not used: %s", exc)
+        views = {}
+        keys: set[str] = set()
+        for route in self.routes:
+            service = snapshot.services.get(route.mesh_service)
+            if service is None:
+                service = route.static
+            active, dc = service.active()
+            views[route.name] = (service, active, dc)
+            keys.update(e.key for e in service.endpoints)
+        self._views = MappingProxyType(views)
+        self.session.adapter.retain(keys)
+
+    def view(self, route: Route) -> tuple[ServiceEndpoints, tuple[Endpoint, ...], str | None]:
+        """(all endpoints, the active ones, the datacenter serving) for admin answers."""
+        return self._views.get(route.name) or (route.static, (), None)

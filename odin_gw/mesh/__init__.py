@@ -1,0 +1,1 @@
+"""Service-mesh integration: discovery, snapshots, TLS material, mesh headers."""

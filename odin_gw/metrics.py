@@ -1,0 +1,105 @@
+"""Prometheus metrics that add up across gunicorn workers.
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (``gunicorn.conf.py`` sets it before any worker
+imports prometheus_client) every worker writes its samples to files there and a scrape
+merges them; without it (tests, ``flask run``) a private registry per app is used.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prom_mp
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
+STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class GatewayMetrics:
+    """Every metric the gateway exports, created once per app."""
+
+    def __init__(self) -> None:
+        self.multiprocess = multiprocess_dir() is not None
+        # In multi-process mode samples go to files, never to a registry.
+        reg = None if self.multiprocess else CollectorRegistry(auto_describe=True)
+        self._registry = reg
+        kw = {"registry": reg}
+        self.requests = Counter(
+            "odin_requests", "Requests handled, by service, method and status class",
+            ["service", "method", "status_class"], **kw,
+        )
+        self.latency = Histogram(
+            "odin_request_duration_seconds", "Time from request start to the last byte sent",
+            ["service"], buckets=LATENCY_BUCKETS, **kw,
+        )
+        self.upstream_errors = Counter(
+            "odin_upstream_errors", "Upstream failures by service and kind",
+            ["service", "kind"], **kw,
+        )
+        self.discovery = Counter(
+            "odin_mesh_discovery_attempts", "Control-plane discovery attempts by result",
+            ["mesh", "result"], **kw,
+        )
+        gauge_mode = {"multiprocess_mode": "livemax"} if self.multiprocess else {}
+        self.endpoints = Gauge(
+            "odin_mesh_endpoints", "Endpoints known per service, by health",
+            ["service", "health"], **kw, **gauge_mode,
+        )
+        self.snapshot_age = Gauge(
+            "odin_mesh_snapshot_age_seconds",
+            "Seconds since the last successful discovery (-1: never)",
+            **kw, **({"multiprocess_mode": "livemin"} if self.multiprocess else {}),
+        )
+        self.cert_expiry = Gauge(
+            "odin_mesh_certificate_expiry_timestamp_seconds",
+            "notAfter of the gateway's mesh client certificate (Unix time)",
+            **kw, **gauge_mode,
+        )
+        self._label_cache: dict[tuple, tuple] = {}
+
+    def observe(self, service: str | None, method: str, status: int, seconds: float,
+                error_kind: str | None) -> None:
+        """Record one finished request (called when its response is closed)."""
+        svc = service or "-"
+        key = (svc, method, status // 100)
+        children = self._label_cache.get(key)
+        if children is None:
+            m = method if method in METHODS else "OTHER"
+            children = (
+                self.requests.labels(svc, m, STATUS_CLASS.get(status // 100, "other")),
+                self.latency.labels(svc),
+            )
+            if len(self._label_cache) < 10000:
+                self._label_cache[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+        if error_kind:
+            self.upstream_errors.labels(svc, error_kind).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            prom_mp.MultiProcessCollector(registry)
+        else:
+            registry = self._registry
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead(pid: int) -> None:
+    """gunicorn ``child_exit`` hook: drop a dead worker's live gauges."""
+    if multiprocess_dir():
+        prom_mp.mark_process_dead(pid)

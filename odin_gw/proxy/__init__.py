@@ -1,0 +1,1 @@
+"""The forwarding path: header rules, upstream pools, the catch-all blueprint."""

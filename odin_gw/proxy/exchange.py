@@ -1,0 +1,47 @@
+"""The per-request record: what came in, where it went, how it ended."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:+/=")
+
+
+class Exchange:
+    """Created by the first ``before_request`` hook; read by the access log and metrics."""
+
+    __slots__ = (
+        "datacenter",
+        "error_kind",
+        "method",
+        "path",
+        "request_id",
+        "response_bytes",
+        "service",
+        "started",
+        "status",
+        "target",
+    )
+
+    def __init__(self, environ: dict) -> None:
+        self.started = time.perf_counter()
+        self.request_id = inbound_request_id(environ.get("HTTP_X_REQUEST_ID"))
+        self.method = environ.get("REQUEST_METHOD", "GET")
+        self.path = environ.get("PATH_INFO", "/")
+        self.service: str | None = None
+        self.target: str | None = None
+        self.datacenter: str | None = None
+        self.status = 0
+        self.response_bytes = 0
+        self.error_kind: str | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def inbound_request_id(value: str | None) -> str:
+    """The client's ``X-Request-Id`` when it is a sane token, else a fresh uuid4."""
+    if value and len(value) <= 200 and all(c in _ID_OK for c in value):
+        return value
+    return str(uuid.uuid4())

@@ -1,0 +1,329 @@
+"""Forward one request to one of its route's endpoints and stream the answer back."""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import ssl
+from collections.abc import Iterator
+from urllib.parse import quote
+
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+    SSLError,
+)
+from werkzeug.wrappers import Response
+
+from ..errors import (
+    BadRequest,
+    ClientDisconnected,
+    NoHealthyTarget,
+    UpstreamError,
+    UpstreamIdentityError,
+    UpstreamTimeout,
+    UpstreamTlsError,
+    UpstreamUnreachable,
+)
+from ..mesh.identity import PeerIdentityError
+from ..mesh.snapshot import Endpoint
+from ..routing import Route
+from .exchange import Exchange
+from .headers import response_headers, upstream_headers
+from .transport import ConnectFailed, StaleConnection, open_response
+
+log = logging.getLogger("odin_gw.proxy")
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+CHUNK = 64 * 1024
+# Bodies up to this size are read whole: cheaper than streaming, and replayable on retry.
+SMALL_BODY = 64 * 1024
+NO_BODY_STATUS = frozenset({204, 304})
+
+
+class ProxyResponse(Response):
+    """A response that adds nothing of its own: no default content type, length as sent."""
+
+    default_mimetype = None
+    automatically_set_content_length = False
+
+
+class UpstreamBody:
+    """Streams an upstream body to the client; returns the connection on ``close``.
+
+    A body read to its end puts the connection back in the pool; one abandoned halfway
+    (the client went away) closes it, because unread bytes would poison the next request.
+    """
+
+    __slots__ = ("_done", "_finish", "_resp", "exchange")
+
+    def __init__(self, resp, exchange: Exchange, finish) -> None:
+        self._resp = resp
+        self._finish = finish
+        self._done = False
+        self.exchange = exchange
+
+    def __iter__(self) -> Iterator[bytes]:
+        exchange = self.exchange
+        try:
+            for chunk in self._resp.stream(CHUNK, decode_content=False):
+                exchange.response_bytes += len(chunk)
+                yield chunk
+        except (ReadTimeoutError, ProtocolError, OSError) as exc:
+            # Headers are gone already: all we can do is cut the body short.
+            exchange.error_kind = "body_interrupted"
+            log.warning("upstream body interrupted: %s", exc)
+            raise
+        self._done = True
+
+    def close(self) -> None:
+        resp = self._resp
+        if not self._done:
+            resp.close()
+        resp.release_conn()
+        self._finish()
+
+
+class Forwarder:
+    """Sends requests upstream through the session's adapter pools.
+
+    ``targets`` is the gateway's callable giving a route's current candidates;
+    ``injectors`` are the mesh header injectors (see :mod:`odin_gw.mesh.headers`).
+    """
+
+    def __init__(self, gateway) -> None:
+        self.gateway = gateway
+        strip: set[str] = set()
+        prefixes: list[str] = []
+        for inj in gateway.injectors:
+            strip |= inj.strip
+            prefixes.extend(inj.strip_prefixes)
+        self.strip = frozenset(strip)
+        self.strip_prefixes = tuple(prefixes)
+        server = gateway.config.server
+        self.read_timeout = server.read_timeout
+        self.write_timeout = server.write_timeout
+
+    def forward(self, environ: dict, route: Route, exchange: Exchange) -> Response:
+        """Forward the request in ``environ`` along ``route``; raises ``GatewayError``."""
+        client_sock = environ.get("gunicorn.socket")
+        if client_sock is not None:
+            client_sock.settimeout(self.read_timeout)  # bounds reading the request body
+        method = environ["REQUEST_METHOD"]
+        headers = upstream_headers(environ, self.strip, self.strip_prefixes)
+        body, chunked, replayable = self._body(environ, headers)
+        self._forwarded(environ, route, headers)
+        for name, value in route.headers:
+            headers[name] = value
+        for inj in self.gateway.injectors:
+            inj.request(exchange, environ)
+        headers["X-Request-Id"] = exchange.request_id
+        url = route.upstream_path(_raw_path(environ))
+        query = environ.get("QUERY_STRING")
+        if query:
+            url = f"{url}?{query}"
+
+        candidates = self.gateway.candidates(route)
+        retry_ok = replayable and method in IDEMPOTENT
+        attempts = 1 + route.retries if retry_ok else 1
+        tried: list[str] = []
+        last_error: UpstreamError | None = None
+        balancer = route.balancer
+        health = route.health
+        adapter = self.gateway.session.adapter
+        stale_retry = retry_ok
+        endpoint: Endpoint | None = None
+        while attempts > 0:
+            if endpoint is None:
+                endpoint = balancer.pick(candidates, tried, health.available)
+                if endpoint is None:
+                    break
+                tried.append(endpoint.key)
+                attempts -= 1
+            exchange.target = endpoint.key
+            exchange.datacenter = endpoint.datacenter
+            if not route.preserve_host:
+                headers["Host"] = endpoint.host_header
+            for inj in self.gateway.injectors:
+                inj.upstream(exchange, endpoint, headers)
+            balancer.started(endpoint)
+            try:
+                resp = open_response(adapter.pool_for(endpoint), method, url, body, headers,
+                                     chunked, route.timeout)
+            except ConnectFailed as exc:
+                balancer.finished(endpoint)
+                health.failed(endpoint.key)
+                last_error = _connect_error(exc.__cause__ or exc, endpoint, route.name)
+                exchange.error_kind = last_error.code
+                log.warning("%s (request %s)", last_error.message, exchange.request_id)
+                endpoint = None
+                continue
+            except StaleConnection:
+                balancer.finished(endpoint)
+                if stale_retry:  # same endpoint, fresh connection; once per request
+                    stale_retry = False
+                    continue
+                last_error = UpstreamError(
+                    f"{route.name}: upstream {endpoint.key} closed the connection",
+                    target=endpoint.key,
+                )
+                break
+            except ClientDisconnected:
+                balancer.finished(endpoint)
+                exchange.error_kind = ClientDisconnected.code
+                raise
+            except TimeoutError as exc:
+                balancer.finished(endpoint)
+                exchange.error_kind = UpstreamTimeout.code
+                raise UpstreamTimeout(
+                    f"{route.name}: upstream {endpoint.key} did not answer within "
+                    f"{route.timeout.read_timeout:g}s",
+                    target=endpoint.key,
+                ) from exc
+            except (OSError, http.client.HTTPException, ProtocolError) as exc:
+                balancer.finished(endpoint)
+                last_error = UpstreamError(
+                    f"{route.name}: upstream {endpoint.key} failed mid-request: "
+                    f"{_reason(exc)}",
+                    target=endpoint.key,
+                )
+                exchange.error_kind = "upstream_reset"
+                log.warning("%s (request %s)", last_error.message, exchange.request_id)
+                endpoint = None
+                continue
+            health.succeeded(endpoint.key)
+            if client_sock is not None:
+                client_sock.settimeout(self.write_timeout)  # bounds streaming the answer
+            return self._respond(resp, method, exchange, lambda e=endpoint: balancer.finished(e))
+        if last_error is not None:
+            raise last_error
+        raise NoHealthyTarget(f"{route.name}: no healthy target", service=route.name)
+
+    def _body(self, environ: dict, headers: dict[str, str]):
+        """(body, chunked, replayable) for the upstream request."""
+        stream = environ["wsgi.input"]
+        length = environ.get("CONTENT_LENGTH")
+        if length:
+            try:
+                size = int(length)
+            except ValueError:
+                raise BadRequest(f"invalid Content-Length {length!r}") from None
+            if size < 0:
+                raise BadRequest(f"invalid Content-Length {length!r}")
+            headers["Content-Length"] = length
+            if size <= SMALL_BODY:
+                data = _read(stream, size)
+                if len(data) != size:
+                    raise ClientDisconnected(
+                        f"client sent {len(data)} of {size} body bytes and went away"
+                    )
+                return data, False, True
+            return _fixed_length(stream, size), False, False
+        if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+            return _until_eof(stream), True, False
+        return None, False, True
+
+    @staticmethod
+    def _forwarded(environ: dict, route: Route, headers: dict[str, str]) -> None:
+        remote = environ.get("REMOTE_ADDR", "")
+        prior = environ.get("HTTP_X_FORWARDED_FOR")
+        headers["X-Forwarded-For"] = f"{prior}, {remote}" if prior else remote
+        headers["X-Forwarded-Proto"] = environ.get("wsgi.url_scheme", "http")
+        host = environ.get("HTTP_HOST")
+        if host:
+            headers["X-Forwarded-Host"] = host
+            if route.preserve_host:
+                headers["Host"] = host
+        if route.strip_base_path and route.base_path != "/":
+            headers["X-Forwarded-Prefix"] = route.base_path
+
+    @staticmethod
+    def _respond(resp, method: str, exchange: Exchange, finish) -> Response:
+        status = resp.status
+        exchange.status = status
+        headers = response_headers(resp.headers.items())
+        headers.append(("X-Request-Id", exchange.request_id))
+        if method == "HEAD" or status in NO_BODY_STATUS or status < 200:
+            resp.release_conn()
+            finish()
+            return ProxyResponse((), status=status, headers=headers)
+        length = resp.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) <= SMALL_BODY:
+            try:
+                data = resp.read(decode_content=False)
+            except (ReadTimeoutError, ProtocolError) as exc:
+                resp.close()
+                resp.release_conn()
+                finish()
+                if isinstance(exc, ReadTimeoutError):
+                    raise UpstreamTimeout("upstream did not send its body in time") from exc
+                raise UpstreamError(f"upstream body cut short: {_reason(exc)}") from exc
+            resp.release_conn()
+            finish()
+            exchange.response_bytes = len(data)
+            return ProxyResponse([data], status=status, headers=headers)
+        return ProxyResponse(UpstreamBody(resp, exchange, finish), status=status, headers=headers)
+
+
+def _raw_path(environ: dict) -> str:
+    raw = environ.get("RAW_URI")
+    if raw:
+        if raw[0] != "/":  # absolute-form request target: keep the path only
+            rest = raw.split("://", 1)[-1]
+            slash = rest.find("/")
+            raw = rest[slash:] if slash >= 0 else "/"
+        query = raw.find("?")
+        return raw if query < 0 else raw[:query]
+    return quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "/"))
+
+
+def _read(stream, size: int) -> bytes:
+    try:
+        return stream.read(size)
+    except (OSError, ValueError) as exc:
+        raise ClientDisconnected(f"reading the request body failed: {exc}") from exc
+    except Exception as exc:  # gunicorn's NoMoreData / ChunkMissingTerminator etc.
+        raise ClientDisconnected(f"reading the request body failed: {exc!r}") from exc
+
+
+def _fixed_length(stream, size: int) -> Iterator[bytes]:
+    left = size
+    while left:
+        chunk = _read(stream, min(CHUNK, left))
+        if not chunk:
+            raise ClientDisconnected(f"client went away with {left} of {size} body bytes unsent")
+        left -= len(chunk)
+        yield chunk
+
+
+def _until_eof(stream) -> Iterator[bytes]:
+    while True:
+        chunk = _read(stream, CHUNK)
+        if not chunk:
+            return
+        yield chunk
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    # urllib3 prefixes "HTTPConnection(host=..., port=...): "; the caller names the target.
+    if text.startswith(("HTTPConnection(", "HTTPSConnection(")) and "): " in text:
+        text = text.split("): ", 1)[1]
+    return text
+
+
+def _connect_error(cause: BaseException, endpoint: Endpoint, service: str) -> UpstreamError:
+    where = f"{service}: upstream {endpoint.address}:{endpoint.port}"
+    target = endpoint.key
+    if isinstance(cause, PeerIdentityError):
+        return UpstreamIdentityError(
+            f"{where} refused: {cause}", target=target, expected=cause.expected,
+            presented=list(cause.presented),
+        )
+    if isinstance(cause, SSLError | ssl.SSLError | ssl.CertificateError):
+        return UpstreamTlsError(f"{where}: TLS handshake failed: {_reason(cause)}", target=target)
+    if isinstance(cause, ConnectTimeoutError) and not isinstance(cause, NewConnectionError):
+        return UpstreamTimeout(f"{where}: connect timed out", target=target)
+    return UpstreamUnreachable(f"{where} unreachable: {_reason(cause)}", target=target)

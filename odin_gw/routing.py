@@ -1,0 +1,131 @@
+"""Longest-prefix routing on whole path segments, outside Flask's URL map.
+
+A ``RouteTable`` is immutable: a config change builds a new one and the gateway swaps the
+reference, so requests never see a half-built table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from urllib3.util import Timeout
+
+from .balancer import Balancer, make_balancer
+from .config.model import GatewayConfig, ServiceConfig
+from .mesh.snapshot import Endpoint, ServiceEndpoints
+from .passive_health import PassiveHealth
+
+
+@dataclass(frozen=True, eq=False)
+class Route:
+    """A service reachable under ``base_path``, with its forwarding policy."""
+
+    name: str
+    base_path: str
+    strip_base_path: bool
+    timeout: Timeout
+    retries: int
+    preserve_host: bool
+    headers: tuple[tuple[str, str], ...]
+    mesh_service: str
+    static: ServiceEndpoints
+    balancer: Balancer
+    health: PassiveHealth
+    base_depth: int = field(default=0)
+
+    @classmethod
+    def from_config(cls, svc: ServiceConfig, gateway: GatewayConfig) -> Route:
+        read = svc.timeout or gateway.server.timeout
+        connect = min(svc.connect_timeout or gateway.server.connect_timeout, read)
+        static = ServiceEndpoints(
+            name=svc.name,
+            source="static",
+            endpoints=tuple(
+                Endpoint(
+                    address=t.host,
+                    port=t.port,
+                    scheme=t.scheme,
+                    weight=t.weight,
+                    host_header=_authority(t.url),
+                )
+                for t in svc.targets
+            ),
+        )
+        return cls(
+            name=svc.name,
+            base_path=svc.base_path,
+            strip_base_path=svc.strip_base_path,
+            timeout=Timeout(connect=connect, read=read),
+            retries=svc.retries,
+            preserve_host=svc.preserve_host,
+            headers=svc.headers,
+            mesh_service=svc.mesh_service or svc.name,
+            static=static,
+            balancer=make_balancer(svc.load_balancing),
+            health=PassiveHealth(svc.passive_health),
+            base_depth=0 if svc.base_path == "/" else svc.base_path.count("/"),
+        )
+
+    def upstream_path(self, raw_path: str) -> str:
+        """The path to send upstream for the client's raw (still percent-encoded) path.
+
+        With ``stripBasePath`` the base path's segments are removed by count, so an encoded
+        spelling of the prefix is stripped as well as the plain one.
+        """
+        if not self.strip_base_path or self.base_depth == 0:
+            return raw_path
+        cut = 0
+        for _ in range(self.base_depth):
+            cut = raw_path.find("/", cut + 1)
+            if cut < 0:
+                return "/"
+        return raw_path[cut:]
+
+
+def _authority(url: str) -> str:
+    rest = url.split("://", 1)[1]
+    return rest.split("/", 1)[0]
+
+
+class RouteTable:
+    """Maps request paths to routes by the longest matching base path."""
+
+    def __init__(self, routes: list[Route]) -> None:
+        self.routes: tuple[Route, ...] = tuple(routes)
+        self._by_base = {r.base_path: r for r in routes}
+        self._root = self._by_base.get("/")
+        self._max_depth = max((r.base_depth for r in routes), default=0)
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig) -> RouteTable:
+        return cls([Route.from_config(s, config) for s in config.services])
+
+    def match(self, path: str) -> Route | None:
+        """The route for ``path`` (decoded, starting with ``/``), or ``None``.
+
+        ``/api/users`` matches ``/api/users`` and ``/api/users/42``, never ``/api/usersX``.
+        """
+        by_base = self._by_base
+        candidate = path
+        # Only prefixes as deep as the deepest base path can match: cut there first.
+        if candidate.count("/") > self._max_depth:
+            cut = 0
+            for _ in range(self._max_depth):
+                cut = candidate.find("/", cut + 1) if cut >= 0 else -1
+            if cut > 0:
+                candidate = candidate[:cut]
+        while candidate:
+            route = by_base.get(candidate)
+            if route is not None:
+                return route
+            if candidate.endswith("/"):
+                candidate = candidate[:-1]
+                continue
+            candidate = candidate[: candidate.rfind("/")]
+        return self._root
+
+    def __iter__(self):
+        return iter(self.routes)
+
+    def __len__(self) -> int:
+        return len(self.routes)

@@ -1,0 +1,77 @@
+import collections
+
+import pytest
+
+from odin_gw.balancer import LeastRequest, RandomChoice, RoundRobin, Weighted, make_balancer
+from odin_gw.config.model import PassiveHealthConfig
+from odin_gw.mesh.snapshot import Endpoint
+from odin_gw.passive_health import PassiveHealth
+
+A = Endpoint("10.0.0.1", 80)
+B = Endpoint("10.0.0.2", 80)
+C = Endpoint("10.0.0.3", 80, weight=8)
+
+
+def always(_key):
+    return True
+
+
+def test_round_robin_cycles():
+    rr = RoundRobin()
+    picks = [rr.pick((A, B), (), always) for _ in range(10)]
+    assert collections.Counter(picks) == {A: 5, B: 5}
+    assert all(picks[i] != picks[i + 1] for i in range(9))
+
+
+def test_exclude_tried_targets():
+    for bal in (RoundRobin(), RandomChoice(), Weighted(), LeastRequest()):
+        for _ in range(20):
+            assert bal.pick((A, B), (A.key,), always) is B
+        assert bal.pick((A,), (A.key,), always) is None
+
+
+def test_weighted_follows_weights():
+    w = Weighted()
+    counts = collections.Counter(w.pick((A, C), (), always) for _ in range(9000))
+    assert 6.0 < counts[C] / counts[A] < 10.5
+
+
+def test_least_request_prefers_idle():
+    lr = LeastRequest()
+    lr.started(A)
+    lr.started(A)
+    assert all(lr.pick((A, B), (), always) is B for _ in range(50))
+    lr.finished(A)
+    lr.finished(A)
+    assert lr.inflight(A.key) == 0
+
+
+def test_ejected_targets_skipped_unless_all_are():
+    rr = RoundRobin()
+    assert all(rr.pick((A, B), (), lambda k: k != A.key) is B for _ in range(10))
+    assert rr.pick((A, B), (), lambda k: False) in (A, B)  # panic: try anyway
+
+
+def test_passive_health_ejects_and_backs_off():
+    now = [100.0]
+    ph = PassiveHealth(PassiveHealthConfig(2, 5.0, 12.0), clock=lambda: now[0])
+    ph.failed(A.key)
+    assert ph.available(A.key)
+    ph.failed(A.key)
+    assert not ph.available(A.key)
+    now[0] += 5.01
+    assert ph.available(A.key)
+    ph.failed(A.key)
+    ph.failed(A.key)  # second ejection: 10 s
+    now[0] += 9.9
+    assert not ph.available(A.key)
+    now[0] += 0.2
+    ph.failed(A.key)
+    ph.failed(A.key)  # third: capped at 12 s
+    assert ph.status(A.key)["ejectedFor"] == pytest.approx(12.0)
+    ph.succeeded(A.key)
+    assert ph.available(A.key)
+
+
+def test_make_balancer_names():
+    assert make_balancer("least-request").name == "least-request"

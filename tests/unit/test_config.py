@@ -1,0 +1,187 @@
+import glob
+import os
+
+import pytest
+
+from odin_gw.config import ConfigError, format_duration, load_config, parse_config, parse_duration
+
+SPEC = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "data", "spec", "*.yaml")))
+ENV = {"CONSUL_HTTP_TOKEN": "tok-1", "CONSUL_TOKEN": "tok-2"}
+
+
+@pytest.mark.parametrize("path", SPEC, ids=os.path.basename)
+def test_every_spec_example_loads(path):
+    cfg = load_config(path, env=ENV)
+    assert cfg.raw  # loaded, not defaulted to nothing
+
+
+def test_spec_examples_were_all_found():
+    assert len(SPEC) == 15
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("500ms", 0.5), ("30s", 30), ("1m30s", 90), ("2h", 7200), (5, 5.0), ("2.5", 2.5),
+     ("1h1m1s", 3661), (0.25, 0.25)],
+)
+def test_durations(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("bad", ["5x", "", "ms", "-1s", -3, True, "1m 30s", None])
+def test_bad_durations_are_refused(bad):
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+def test_format_duration_round_trips():
+    for s in (0.5, 30, 90, 7200, 3661):
+        assert parse_duration(format_duration(s)) == pytest.approx(s)
+
+
+def problems(text, env=None):
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, env=env or {})
+    return info.value.problems
+
+
+def test_unknown_key_named_by_dotted_path():
+    assert "serviceMesh.istio.pilotAdr: unknown field" in problems(
+        "serviceMesh:\n  istio:\n    pilotAdr: x\n"
+    )
+
+
+def test_all_problems_reported_at_once():
+    found = problems(
+        "server: {timeout: 5x, port: 70000}\n"
+        "admin: {token: '${NOPE}'}\n"
+        "services:\n - {name: a, basePath: /a, targets: ['ftp://x']}\n"
+    )
+    assert "admin.token: environment variable NOPE is not set" in found
+    assert any(p.startswith("server.timeout: not a duration") for p in found)
+    assert any(p.startswith("server.port:") for p in found)
+    assert any(p.startswith("services[0].targets[0]: invalid URL 'ftp://x'") for p in found)
+
+
+def test_env_expansion_with_default_and_without():
+    cfg = parse_config(
+        "admin: {token: '${TOK}'}\nserviceMesh:\n  consul:\n    token: '${CT:-fallback}'\n",
+        env={"TOK": "s3cret"},
+    )
+    assert cfg.admin.token == "s3cret"
+    assert cfg.service_mesh.consul.token == "fallback"
+
+
+def test_env_value_cannot_inject_yaml():
+    cfg = parse_config("admin: {token: '${TOK}'}\n", env={"TOK": "a\nserver: {port: 1}"})
+    assert cfg.admin.token == "a\nserver: {port: 1}"
+    assert cfg.server.port == 8080
+
+
+@pytest.mark.parametrize(
+    ("services", "expected"),
+    [
+        ("- {name: a, basePath: /a, targets: ['http://h:1']}\n"
+         "- {name: a, basePath: /b, targets: ['http://h:1']}",
+         "services[1].name: duplicate of services[0]"),
+        ("- {name: a, basePath: /a/, targets: ['http://h:1']}\n"
+         "- {name: b, basePath: /a, targets: ['http://h:1']}",
+         "services[1].basePath: duplicate of services[0]"),
+        ("- {name: a, basePath: /admin/x, targets: ['http://h:1']}",
+         "services[0].basePath: /admin/x is under the reserved path /admin"),
+        ("- {name: a, basePath: /metrics, targets: ['http://h:1']}",
+         "services[0].basePath: /metrics is under the reserved path /metrics"),
+        ("- {name: a, basePath: /ready, targets: ['http://h:1']}",
+         "services[0].basePath: /ready is under the reserved path /ready"),
+        ("- {name: a, basePath: api, targets: ['http://h:1']}",
+         "services[0].basePath: must start with /"),
+        ("- {name: a, basePath: /a}",
+         "services[0].targets: at least one target is needed when serviceMesh is off"),
+        ("- {name: a, basePath: /a, targets: ['http://h:1/path']}",
+         "services[0].targets[0]: invalid URL 'http://h:1/path': a target is "
+         "scheme://host[:port] only"),
+        ("- {name: a, basePath: /a, targets: ['http://h:notaport']}",
+         "services[0].targets[0]: invalid URL 'http://h:notaport': Port could not be cast to "
+         "integer value as 'notaport'"),
+        ("- {name: a, basePath: /a, targets: ['http://h:1'], loadBalancing: fastest}",
+         "services[0].loadBalancing: Must be one of: round-robin, random, weighted, "
+         "least-request."),
+    ],
+)
+def test_service_rules(services, expected):
+    assert expected in problems("services:\n" + services + "\n")
+
+
+def test_service_defaults_and_timeout_inheritance():
+    cfg = parse_config(
+        "server: {timeout: 7s}\nservices:\n - {name: a, basePath: /a/, targets: ['http://h']}\n"
+    )
+    svc = cfg.services[0]
+    assert svc.base_path == "/a"
+    assert svc.load_balancing == "round-robin"
+    assert svc.retries == 1
+    assert svc.strip_base_path is False
+    assert svc.targets[0].port == 80
+    assert svc.timeout is None and cfg.server.timeout == 7
+
+
+def test_weighted_targets():
+    cfg = parse_config(
+        "services:\n - name: a\n   basePath: /a\n   loadBalancing: weighted\n   targets:\n"
+        "   - {url: 'http://h:1', weight: 3}\n   - http://h:2\n"
+    )
+    assert [t.weight for t in cfg.services[0].targets] == [3, 1]
+
+
+def test_yaml_syntax_error_names_line():
+    found = problems("services:\n  - {name: a\n")
+    assert found[0].startswith("<yaml>: line")
+
+
+def test_not_a_mapping():
+    assert problems("- a\n- b\n") == ["<root>: must be a mapping of sections"]
+
+
+def test_mtls_without_files_is_refused():
+    found = problems("serviceMesh: {enabled: true, type: consul, mtlsEnabled: true}\n")
+    assert any("mtlsEnabled needs certFile, keyFile, caFile" in p for p in found)
+
+
+def test_mtls_with_connect_needs_no_files():
+    cfg = parse_config(
+        "serviceMesh: {enabled: true, type: consul, mtlsEnabled: true, "
+        "consul: {enableConnect: true}}\n"
+    )
+    assert cfg.service_mesh.consul.enable_connect
+
+
+def test_obsolete_keys_load_with_notice():
+    cfg = parse_config(
+        "serviceMesh:\n  istio: {mixerAddr: 'm:15004'}\n  linkerd: {controlPlaneAddr: 'c:8085'}\n"
+    )
+    assert any("Mixer was removed in Istio 1.8" in n for n in cfg.notices)
+    assert any("controller API was removed" in n for n in cfg.notices)
+
+
+def test_redaction_hides_secrets():
+    cfg = parse_config(
+        "admin: {token: adm}\nserviceMesh:\n  consul: {token: ctok}\nservices:\n"
+        " - {name: a, basePath: /a, targets: ['http://h'], headers: {Authorization: 'Basic x'}}\n"
+    )
+    text = repr(cfg.redacted())
+    assert "adm" not in text.replace("admin", "")
+    assert "ctok" not in text
+    assert "Basic x" not in text
+
+
+def test_consul_datacenters_local_first():
+    cfg = parse_config("serviceMesh:\n  consul: {datacenters: [dc1, dc2]}\n")
+    assert cfg.service_mesh.consul.datacenter == "dc1"
+    found = problems("serviceMesh:\n  consul: {datacenter: dc2, datacenters: [dc1, dc2]}\n")
+    assert any("first entry of datacenters" in p for p in found)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError) as info:
+        load_config("/nonexistent/odin.yaml")
+    assert "cannot read /nonexistent/odin.yaml" in str(info.value)

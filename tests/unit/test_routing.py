@@ -1,0 +1,62 @@
+import pytest
+
+from odin_gw.config import parse_config
+from odin_gw.routing import RouteTable
+
+
+@pytest.fixture
+def table():
+    cfg = parse_config(
+        "services:\n"
+        " - {name: users, basePath: /api/users, targets: ['http://h:1'], stripBasePath: true}\n"
+        " - {name: api, basePath: /api, targets: ['http://h:1']}\n"
+        " - {name: deep, basePath: /a/b/c/d, targets: ['http://h:1']}\n"
+    )
+    return RouteTable.from_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("path", "service"),
+    [
+        ("/api/users", "users"),
+        ("/api/users/", "users"),
+        ("/api/users/42", "users"),
+        ("/api/users/42/orders/7", "users"),
+        ("/api/usersX", "api"),
+        ("/api", "api"),
+        ("/api/", "api"),
+        ("/apix", None),
+        ("/", None),
+        ("/a/b/c/d", "deep"),
+        ("/a/b/c/d/e/f/g", "deep"),
+        ("/a/b/c", None),
+        ("/a/b/c/dd", None),
+        ("/x/y/z/w/v/u/t", None),
+    ],
+)
+def test_longest_prefix_on_whole_segments(table, path, service):
+    route = table.match(path)
+    assert (route.name if route else None) == service
+
+
+def test_root_route_catches_the_rest():
+    cfg = parse_config(
+        "services:\n - {name: root, basePath: /, targets: ['http://h']}\n"
+        " - {name: a, basePath: /a, targets: ['http://h']}\n"
+    )
+    table = RouteTable.from_config(cfg)
+    assert table.match("/anything/else").name == "root"
+    assert table.match("/a/b").name == "a"
+
+
+@pytest.mark.parametrize(
+    ("raw", "upstream"),
+    [("/api/users", "/"), ("/api/users/", "/"), ("/api/users/42", "/42"),
+     ("/api/%75sers/42", "/42"), ("/api/users/a%2Fb", "/a%2Fb")],
+)
+def test_strip_base_path_by_segments(table, raw, upstream):
+    assert table.match("/api/users").upstream_path(raw) == upstream
+
+
+def test_no_strip_keeps_path(table):
+    assert table.match("/api/x").upstream_path("/api/x") == "/api/x"
