@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import queue
 import sys
+import threading
 import time
 
 from .config.model import LoggingConfig
 from .proxy.exchange import Exchange
-
-access_log = logging.getLogger("odin_gw.access")
 
 
 class JsonFormatter(logging.Formatter):
@@ -18,8 +19,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         doc = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": _utc(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -53,26 +53,103 @@ def configure_logging(cfg: LoggingConfig) -> None:
     root.addHandler(handler)
 
 
-def log_access(exchange: Exchange, seconds: float) -> None:
-    """Write the access line for a finished request."""
-    if not access_log.isEnabledFor(logging.INFO):
-        return
-    fields = {
-        "requestId": exchange.request_id,
-        "method": exchange.method,
-        "path": exchange.path,
-        "status": exchange.status,
-        "service": exchange.service,
-        "target": exchange.target,
-        "durationMs": round(seconds * 1000, 2),
-        "bytes": exchange.response_bytes,
-    }
-    if exchange.error_kind:
-        fields["error"] = exchange.error_kind
-    access_log.info(
-        "%s %s %s %s service=%s target=%s %.1fms %dB%s",
-        exchange.request_id, exchange.method, exchange.path, exchange.status,
-        exchange.service or "-", exchange.target or "-", seconds * 1000,
-        exchange.response_bytes, f" error={exchange.error_kind}" if exchange.error_kind else "",
-        extra={"fields": fields},
+class AccessLog:
+    """The one-line-per-request log, written off the request path in batches.
+
+    ``record`` only appends a tuple to a lock-free queue; a writer thread formats what
+    has piled up and writes it with one ``write`` call. A request thread therefore never
+    waits on the stderr lock or a syscall for its log line. If the writer falls behind by
+    more than ``max_pending`` lines, further lines are dropped and counted (never an
+    unbounded queue).
+    """
+
+    def __init__(self, json_lines: bool, stream=None, max_pending: int = 50_000) -> None:
+        self.json_lines = json_lines
+        self.stream = stream
+        self.max_pending = max_pending
+        self.dropped = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pid = os.getpid()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def record(self, exchange: Exchange, seconds: float) -> None:
+        if self._thread is None:
+            self._start()
+        if self._queue.qsize() >= self.max_pending:
+            self.dropped += 1
+            return
+        self._queue.put((time.time(), exchange, seconds))
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(
+                    target=self._run, name="odin-access-log", daemon=True
+                )
+                self._thread.start()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is queued and stop the writer."""
+        thread = self._thread
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            batch = [item]
+            while item is not None and len(batch) < 1000:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                batch.append(item)
+            lines = [self._format(*entry) for entry in batch if entry is not None]
+            if lines:
+                stream = self.stream or sys.stderr
+                try:
+                    stream.write("".join(lines))
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass  # stderr gone (shutdown): nothing sensible left to do
+            if batch[-1] is None:
+                return
+
+    def _format(self, when: float, exchange: Exchange, seconds: float) -> str:
+        if self.json_lines:
+            doc = {
+                "time": _utc(when),
+                "level": "info",
+                "logger": "odin_gw.access",
+                "message": "request",
+                "requestId": exchange.request_id,
+                "method": exchange.method,
+                "path": exchange.path,
+                "status": exchange.status,
+                "service": exchange.service,
+                "target": exchange.target,
+                "datacenter": exchange.datacenter,
+                "durationMs": round(seconds * 1000, 2),
+                "bytes": exchange.response_bytes,
+            }
+            if exchange.error_kind:
+                doc["error"] = exchange.error_kind
+            return json.dumps(doc) + "\n"
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+        error = f" error={exchange.error_kind}" if exchange.error_kind else ""
+        return (
+            f"{stamp},{int(when * 1000) % 1000:03d} INFO [{self._pid}] odin_gw.access: "
+            f"{exchange.request_id} {exchange.method} {exchange.path} {exchange.status} "
+            f"service={exchange.service or '-'} target={exchange.target or '-'} "
+            f"{seconds * 1000:.1f}ms {exchange.response_bytes}B{error}\n"
+        )
+
+
+def _utc(when: float) -> str:
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when * 1000) % 1000:03d}Z"
     )

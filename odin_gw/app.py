@@ -7,7 +7,7 @@ import os
 
 from flask import Flask, g, jsonify, request
 
-from .accesslog import configure_logging, log_access
+from .accesslog import configure_logging
 from .config import GatewayConfig, load_config
 from .errors import GatewayError
 from .gateway import Gateway
@@ -71,14 +71,15 @@ def _finish_exchange(response):
         response.headers["X-Request-Id"] = exchange.request_id
     gateway = _gateway()
     metrics = gateway.metrics
-    log_on = gateway.config.logging.access_log
+    access_log = gateway.access_log
 
     def done() -> None:
         seconds = exchange.elapsed()
-        metrics.observe(exchange.service, exchange.method, exchange.status, seconds,
-                        exchange.error_kind)
-        if log_on:
-            log_access(exchange, seconds)
+        metrics.observe(
+            exchange.service, exchange.method, exchange.status, seconds, exchange.error_kind
+        )
+        if access_log is not None:
+            access_log.record(exchange, seconds)
 
     response.call_on_close(done)
     return response

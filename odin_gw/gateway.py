@@ -6,6 +6,7 @@ import logging
 import os
 from types import MappingProxyType
 
+from .accesslog import AccessLog
 from .config.model import GatewayConfig
 from .mesh.headers import injectors_for
 from .mesh.manager import MeshManager
@@ -39,6 +40,12 @@ class Gateway:
         self.mesh = manager or MeshManager(config, self.metrics, self._on_snapshot)
         self._on_snapshot(self.mesh.snapshot, self.mesh.tls)
         self.forwarder = Forwarder(self)
+        logs = config.logging
+        self.access_log = (
+            AccessLog(json_lines=logs.json)
+            if logs.access_log and logs.level in ("debug", "info")
+            else None
+        )
 
     def start(self) -> None:
         self.mesh.start()
@@ -46,6 +53,8 @@ class Gateway:
     def stop(self) -> None:
         self.mesh.stop()
         self.session.close()
+        if self.access_log is not None:
+            self.access_log.close()
 
     # -- hot path ---------------------------------------------------------------------
     def candidates(self, route: Route) -> tuple[Endpoint, ...]:

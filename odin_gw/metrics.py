@@ -38,40 +38,55 @@ class GatewayMetrics:
         self._registry = reg
         kw = {"registry": reg}
         self.requests = Counter(
-            "odin_requests", "Requests handled, by service, method and status class",
-            ["service", "method", "status_class"], **kw,
+            "odin_requests",
+            "Requests handled, by service, method and status class",
+            ["service", "method", "status_class"],
+            **kw,
         )
         self.latency = Histogram(
-            "odin_request_duration_seconds", "Time from request start to the last byte sent",
-            ["service"], buckets=LATENCY_BUCKETS, **kw,
+            "odin_request_duration_seconds",
+            "Time from request start to the last byte sent",
+            ["service"],
+            buckets=LATENCY_BUCKETS,
+            **kw,
         )
         self.upstream_errors = Counter(
-            "odin_upstream_errors", "Upstream failures by service and kind",
-            ["service", "kind"], **kw,
+            "odin_upstream_errors",
+            "Upstream failures by service and kind",
+            ["service", "kind"],
+            **kw,
         )
         self.discovery = Counter(
-            "odin_mesh_discovery_attempts", "Control-plane discovery attempts by result",
-            ["mesh", "result"], **kw,
+            "odin_mesh_discovery_attempts",
+            "Control-plane discovery attempts by result",
+            ["mesh", "result"],
+            **kw,
         )
         gauge_mode = {"multiprocess_mode": "livemax"} if self.multiprocess else {}
         self.endpoints = Gauge(
-            "odin_mesh_endpoints", "Endpoints known per service, by health",
-            ["service", "health"], **kw, **gauge_mode,
+            "odin_mesh_endpoints",
+            "Endpoints known per service, by health",
+            ["service", "health"],
+            **kw,
+            **gauge_mode,
         )
         self.snapshot_age = Gauge(
             "odin_mesh_snapshot_age_seconds",
             "Seconds since the last successful discovery (-1: never)",
-            **kw, **({"multiprocess_mode": "livemin"} if self.multiprocess else {}),
+            **kw,
+            **({"multiprocess_mode": "livemin"} if self.multiprocess else {}),
         )
         self.cert_expiry = Gauge(
             "odin_mesh_certificate_expiry_timestamp_seconds",
             "notAfter of the gateway's mesh client certificate (Unix time)",
-            **kw, **gauge_mode,
+            **kw,
+            **gauge_mode,
         )
         self._label_cache: dict[tuple, tuple] = {}
 
-    def observe(self, service: str | None, method: str, status: int, seconds: float,
-                error_kind: str | None) -> None:
+    def observe(
+        self, service: str | None, method: str, status: int, seconds: float, error_kind: str | None
+    ) -> None:
         """Record one finished request (called when its response is closed)."""
         svc = service or "-"
         key = (svc, method, status // 100)

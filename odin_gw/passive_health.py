@@ -39,9 +39,7 @@ class PassiveHealth:
             state = self._states.setdefault(key, _State())
         state.failures += 1
         if state.failures >= self.policy.consecutive_failures:
-            backoff = min(
-                self.policy.eject_for * (2 ** state.ejections), self.policy.max_eject_for
-            )
+            backoff = min(self.policy.eject_for * (2**state.ejections), self.policy.max_eject_for)
             state.ejected_until = self._clock() + backoff
             state.ejections += 1
             state.failures = 0

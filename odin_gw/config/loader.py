@@ -41,8 +41,7 @@ _OBSOLETE = {
         "Kubernetes EndpointSlices, so this address is not used"
     ),
     ("linkerd", "tapAddr"): (
-        "Linkerd tap moved to the viz extension behind the Kubernetes API; this address is "
-        "not used"
+        "Linkerd tap moved to the viz extension behind the Kubernetes API; this address is not used"
     ),
 }
 

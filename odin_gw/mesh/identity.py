@@ -50,7 +50,10 @@ class IdentityCheckingHTTPSConnection(HTTPSConnection):
     """An urllib3 HTTPS connection that checks the peer's SPIFFE ID once connected."""
 
     def __init__(
-        self, *args, expected_identity: str | None = None, trust_domain: str | None = None,
+        self,
+        *args,
+        expected_identity: str | None = None,
+        trust_domain: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)

@@ -43,7 +43,8 @@ def make_client(config: GatewayConfig) -> MeshClient:
     if kind in ("istio", "linkerd"):
         log.warning(
             "serviceMesh.type %s: discovery for this mesh is not built yet; routes use "
-            "their static targets", kind,
+            "their static targets",
+            kind,
         )
     return StaticClient()
 
@@ -128,8 +129,13 @@ class MeshManager:
             timezone=UTC,
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
         )
-        sched.add_job(self._sync, "interval", seconds=SYNC_INTERVAL, id="sync",
-                      next_run_time=datetime.now(UTC))
+        sched.add_job(
+            self._sync,
+            "interval",
+            seconds=SYNC_INTERVAL,
+            id="sync",
+            next_run_time=datetime.now(UTC),
+        )
         sched.start()
         self._scheduler = sched
 
@@ -162,8 +168,12 @@ class MeshManager:
             log.exception("mesh sync failed")
 
     def _become_leader(self) -> None:
-        log.info("pid %d leads discovery for %s (state dir %s)", os.getpid(),
-                 self.mesh.kind, self.state.path)
+        log.info(
+            "pid %d leads discovery for %s (state dir %s)",
+            os.getpid(),
+            self.mesh.kind,
+            self.state.path,
+        )
         # Start from what the previous leader published: no gap in routing.
         self._load_from_disk()
         self._seen_trigger = self.state.mtime(self.state.trigger_path)
@@ -171,7 +181,10 @@ class MeshManager:
             self._set(self.snapshot.evolve(leader_pid=os.getpid()), self.tls, write=True)
         assert self._scheduler is not None
         self._scheduler.add_job(
-            self._discover, "interval", seconds=self.mesh.refresh_interval, id="discover",
+            self._discover,
+            "interval",
+            seconds=self.mesh.refresh_interval,
+            id="discover",
             next_run_time=datetime.now(UTC),
         )
         self._watch_thread = threading.Thread(
@@ -262,8 +275,11 @@ class MeshManager:
         with self._publish_lock:
             snap = self.snapshot
             if reason != self._failing_since:
-                log.warning("mesh %s discovery failing, serving the last good snapshot: %s",
-                            self.mesh.kind, reason)
+                log.warning(
+                    "mesh %s discovery failing, serving the last good snapshot: %s",
+                    self.mesh.kind,
+                    reason,
+                )
                 self._failing_since = reason
             self._set(
                 snap.evolve(
@@ -289,8 +305,9 @@ class MeshManager:
             if errors:
                 reason = "; ".join(f"{k}: {v}" for k, v in sorted(errors.items()))
                 if reason != self._failing_since:
-                    log.warning("mesh %s: some services could not be refreshed: %s",
-                                self.mesh.kind, reason)
+                    log.warning(
+                        "mesh %s: some services could not be refreshed: %s", self.mesh.kind, reason
+                    )
                     self._failing_since = reason
             elif self._failing_since is not None:
                 log.info("mesh %s discovery recovered", self.mesh.kind)
@@ -323,8 +340,11 @@ class MeshManager:
                 return
             self.state.write_tls(material)
             self.tls_error = None
-            log.info("TLS material rotated to version %s (%s)", material.version,
-                     material.facts.subject if material.facts else "?")
+            log.info(
+                "TLS material rotated to version %s (%s)",
+                material.version,
+                material.facts.subject if material.facts else "?",
+            )
             self._set(self.snapshot.evolve(tls=material.describe()), material, write=True)
 
     # -- applying ---------------------------------------------------------------------

@@ -124,8 +124,12 @@ class StateDir:
         except FileNotFoundError:
             return None
         return TlsMaterial(
-            doc["cert"], doc["key"], doc["ca"], source=doc["source"],
-            trust_domain=doc.get("trustDomain"), alpn=tuple(doc.get("alpn") or ()),
+            doc["cert"],
+            doc["key"],
+            doc["ca"],
+            source=doc["source"],
+            trust_domain=doc.get("trustDomain"),
+            alpn=tuple(doc.get("alpn") or ()),
         )
 
     def trigger_refresh(self) -> None:

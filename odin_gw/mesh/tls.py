@@ -102,9 +102,7 @@ class TlsMaterial:
         object.__setattr__(self, "facts", cert_facts(self.cert_pem))
 
     @classmethod
-    def from_files(
-        cls, cert_file: str, key_file: str, ca_file: str, **kwargs
-    ) -> TlsMaterial:
+    def from_files(cls, cert_file: str, key_file: str, ca_file: str, **kwargs) -> TlsMaterial:
         """Read the three files; raises :class:`TlsMaterialError` naming the bad one."""
         texts = []
         for label, path in (("certFile", cert_file), ("keyFile", key_file), ("caFile", ca_file)):
@@ -163,7 +161,9 @@ def _load_chain(ctx: ssl.SSLContext, cert_pem: str, key_pem: str, source: str) -
         try:
             ctx.load_cert_chain(cert_path, key_path)
         except ssl.SSLError as exc:
-            reason = "the key does not match the certificate" if "KEY_VALUES_MISMATCH" in str(
-                exc
-            ) else str(exc)
+            reason = (
+                "the key does not match the certificate"
+                if "KEY_VALUES_MISMATCH" in str(exc)
+                else str(exc)
+            )
             raise TlsMaterialError(f"certificate/key from {source}: {reason}") from exc

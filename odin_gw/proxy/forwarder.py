@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import http.client
 import logging
+import socket
 import ssl
+import struct
 from collections.abc import Iterator
 from urllib.parse import quote
 
@@ -103,14 +105,24 @@ class Forwarder:
         self.strip = frozenset(strip)
         self.strip_prefixes = tuple(prefixes)
         server = gateway.config.server
-        self.read_timeout = server.read_timeout
-        self.write_timeout = server.write_timeout
+        self._rcvtimeo = _timeval(server.read_timeout)
+        self._sndtimeo = _timeval(server.write_timeout)
+
+    def _bound_client_io(self, sock) -> None:
+        # Kernel timeouts on the client socket: readTimeout bounds each receive of the
+        # request body, writeTimeout each send of the answer. setsockopt is one cheap
+        # syscall; settimeout() would make every recv/send poll first.
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._rcvtimeo)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._sndtimeo)
+        except (OSError, AttributeError):
+            pass  # not a kernel socket (e.g. a TLS wrapper in a test server)
 
     def forward(self, environ: dict, route: Route, exchange: Exchange) -> Response:
         """Forward the request in ``environ`` along ``route``; raises ``GatewayError``."""
         client_sock = environ.get("gunicorn.socket")
         if client_sock is not None:
-            client_sock.settimeout(self.read_timeout)  # bounds reading the request body
+            self._bound_client_io(client_sock)
         method = environ["REQUEST_METHOD"]
         headers = upstream_headers(environ, self.strip, self.strip_prefixes)
         body, chunked, replayable = self._body(environ, headers)
@@ -150,8 +162,9 @@ class Forwarder:
                 inj.upstream(exchange, endpoint, headers)
             balancer.started(endpoint)
             try:
-                resp = open_response(adapter.pool_for(endpoint), method, url, body, headers,
-                                     chunked, route.timeout)
+                resp = open_response(
+                    adapter.pool_for(endpoint), method, url, body, headers, chunked, route.timeout
+                )
             except ConnectFailed as exc:
                 balancer.finished(endpoint)
                 health.failed(endpoint.key)
@@ -185,8 +198,7 @@ class Forwarder:
             except (OSError, http.client.HTTPException, ProtocolError) as exc:
                 balancer.finished(endpoint)
                 last_error = UpstreamError(
-                    f"{route.name}: upstream {endpoint.key} failed mid-request: "
-                    f"{_reason(exc)}",
+                    f"{route.name}: upstream {endpoint.key} failed mid-request: {_reason(exc)}",
                     target=endpoint.key,
                 )
                 exchange.error_kind = "upstream_reset"
@@ -194,8 +206,6 @@ class Forwarder:
                 endpoint = None
                 continue
             health.succeeded(endpoint.key)
-            if client_sock is not None:
-                client_sock.settimeout(self.write_timeout)  # bounds streaming the answer
             return self._respond(resp, method, exchange, lambda e=endpoint: balancer.finished(e))
         if last_error is not None:
             raise last_error
@@ -267,6 +277,11 @@ class Forwarder:
         return ProxyResponse(UpstreamBody(resp, exchange, finish), status=status, headers=headers)
 
 
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+
+
 def _raw_path(environ: dict) -> str:
     raw = environ.get("RAW_URI")
     if raw:
@@ -319,7 +334,9 @@ def _connect_error(cause: BaseException, endpoint: Endpoint, service: str) -> Up
     target = endpoint.key
     if isinstance(cause, PeerIdentityError):
         return UpstreamIdentityError(
-            f"{where} refused: {cause}", target=target, expected=cause.expected,
+            f"{where} refused: {cause}",
+            target=target,
+            expected=cause.expected,
             presented=list(cause.presented),
         )
     if isinstance(cause, SSLError | ssl.SSLError | ssl.CertificateError):

@@ -25,8 +25,15 @@ HOP_BY_HOP = frozenset(
 )
 
 # Set by the gateway itself, so a client's copy is dropped.
-_OWNED = frozenset({"HTTP_HOST", "HTTP_X_FORWARDED_PROTO", "HTTP_X_FORWARDED_HOST",
-                    "HTTP_X_FORWARDED_PREFIX", "HTTP_X_REQUEST_ID"})
+_OWNED = frozenset(
+    {
+        "HTTP_HOST",
+        "HTTP_X_FORWARDED_PROTO",
+        "HTTP_X_FORWARDED_HOST",
+        "HTTP_X_FORWARDED_PREFIX",
+        "HTTP_X_REQUEST_ID",
+    }
+)
 
 _HOP_ENV = frozenset("HTTP_" + h.upper().replace("-", "_") for h in HOP_BY_HOP)
 

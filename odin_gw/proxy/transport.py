@@ -143,8 +143,15 @@ def open_response(
                 raise ConnectFailed(str(exc)) from exc
         conn.timeout = timeout.read_timeout
         try:
-            conn.request(method, target, body=body, headers=headers, chunked=chunked,
-                         preload_content=False, decode_content=False)
+            conn.request(
+                method,
+                target,
+                body=body,
+                headers=headers,
+                chunked=chunked,
+                preload_content=False,
+                decode_content=False,
+            )
             response = conn.getresponse()
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
             if fresh:
@@ -178,7 +185,8 @@ class UpstreamSession(requests.Session):
         """Switch to new TLS material: new adapter and pools; the old ones drain."""
         old = self.adapter
         if old.material is material or (
-            old.material is not None and material is not None
+            old.material is not None
+            and material is not None
             and old.material.version == material.version
         ):
             return

@@ -26,8 +26,11 @@ def test_refused_target_is_502_with_request_id(gateway_factory):
 
 def test_slow_target_is_504(gateway_factory, upstream):
     gw = gateway_factory(
-        {"services": [{"name": "s", "basePath": "/s", "targets": [upstream.url],
-                       "timeout": "300ms"}]}
+        {
+            "services": [
+                {"name": "s", "basePath": "/s", "targets": [upstream.url], "timeout": "300ms"}
+            ]
+        }
     )
     r = requests.get(gw.url + "/s/slow?ms=1500")
     assert r.status_code == 504
@@ -38,8 +41,16 @@ def test_slow_target_is_504(gateway_factory, upstream):
 def test_idempotent_requests_retry_on_another_target(gateway_factory, upstream):
     dead = f"http://127.0.0.1:{free_port()}"
     gw = gateway_factory(
-        {"services": [{"name": "r", "basePath": "/r", "targets": [dead, upstream.url],
-                       "passiveHealth": {"consecutiveFailures": 1000}}]}
+        {
+            "services": [
+                {
+                    "name": "r",
+                    "basePath": "/r",
+                    "targets": [dead, upstream.url],
+                    "passiveHealth": {"consecutiveFailures": 1000},
+                }
+            ]
+        }
     )
     for _ in range(10):
         r = requests.get(gw.url + "/r/x")
@@ -50,9 +61,17 @@ def test_idempotent_requests_retry_on_another_target(gateway_factory, upstream):
 def test_non_idempotent_requests_do_not_retry(gateway_factory, upstream):
     dead = f"http://127.0.0.1:{free_port()}"
     gw = gateway_factory(
-        {"services": [{"name": "r", "basePath": "/r", "targets": [dead, upstream.url],
-                       "loadBalancing": "round-robin",
-                       "passiveHealth": {"consecutiveFailures": 1000}}]}
+        {
+            "services": [
+                {
+                    "name": "r",
+                    "basePath": "/r",
+                    "targets": [dead, upstream.url],
+                    "loadBalancing": "round-robin",
+                    "passiveHealth": {"consecutiveFailures": 1000},
+                }
+            ]
+        }
     )
     codes = [requests.post(gw.url + "/r/x", data=b"1").status_code for _ in range(10)]
     assert codes.count(502) == 5 and codes.count(200) == 5
@@ -62,9 +81,16 @@ def test_passive_health_skips_then_restores_a_failing_target(gateway_factory):
     port = free_port()
     with Upstream("good") as good:
         gw = gateway_factory(
-            {"services": [{"name": "p", "basePath": "/p",
-                           "targets": [f"http://127.0.0.1:{port}", good.url],
-                           "passiveHealth": {"consecutiveFailures": 2, "ejectFor": "1s"}}]}
+            {
+                "services": [
+                    {
+                        "name": "p",
+                        "basePath": "/p",
+                        "targets": [f"http://127.0.0.1:{port}", good.url],
+                        "passiveHealth": {"consecutiveFailures": 2, "ejectFor": "1s"},
+                    }
+                ]
+            }
         )
         # POSTs are not retried, so every 502 below is one connect to the dead target.
         codes = [requests.post(gw.url + "/p/x", data=b"1").status_code for _ in range(12)]

@@ -21,8 +21,13 @@ def gw(gateway_factory, upstream, upstream_b):
     return gateway_factory(
         {
             "services": [
-                svc("users", "/api/users", [upstream.url], stripBasePath=True,
-                    headers={"X-Added": "yes"}),
+                svc(
+                    "users",
+                    "/api/users",
+                    [upstream.url],
+                    stripBasePath=True,
+                    headers={"X-Added": "yes"},
+                ),
                 svc("api", "/api", [upstream_b.url]),
                 svc("keephost", "/keep", [upstream.url], preserveHost=True),
             ]
@@ -90,14 +95,23 @@ def test_host_and_forwarded_headers(gw, upstream):
 def test_hop_by_hop_stripped_both_ways(gw):
     r = requests.get(
         gw.url + "/api/users/cookies",
-        headers={"Connection": "keep-alive, X-Private", "X-Private": "no", "TE": "trailers",
-                 "Keep-Alive": "timeout=9", "Proxy-Authorization": "Basic eA=="},
+        headers={
+            "Connection": "keep-alive, X-Private",
+            "X-Private": "no",
+            "TE": "trailers",
+            "Keep-Alive": "timeout=9",
+            "Proxy-Authorization": "Basic eA==",
+        },
     )
     assert "X-Hop" not in r.headers and "Keep-Alive" not in r.headers
     seen = requests.get(
         gw.url + "/api/users/echo",
-        headers={"Connection": "keep-alive, X-Private", "X-Private": "no", "TE": "trailers",
-                 "Proxy-Authorization": "Basic eA=="},
+        headers={
+            "Connection": "keep-alive, X-Private",
+            "X-Private": "no",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic eA==",
+        },
     ).json()
     names = {k.lower() for k, _ in seen["headers"]}
     assert not names & {"x-private", "te", "proxy-authorization", "keep-alive"}

@@ -28,8 +28,14 @@ class GatewayProcess:
     to a log file whose text is available as ``.log()`` (shown when start-up fails).
     """
 
-    def __init__(self, config: dict, workers: int = 1, threads: int = 8,
-                 env: dict[str, str] | None = None, state_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        config: dict,
+        workers: int = 1,
+        threads: int = 8,
+        env: dict[str, str] | None = None,
+        state_dir: str | None = None,
+    ) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="odin-gw-test-")
         config = dict(config)
         server = dict(config.get("server") or {})
@@ -50,13 +56,15 @@ class GatewayProcess:
             yaml.safe_dump(config, fh)
         self.log_path = os.path.join(self.tmp.name, "gateway.log")
         self.env = dict(os.environ)
-        self.env.update({
-            "ODIN_CONFIG": self.config_path,
-            "ODIN_WORKERS": str(workers),
-            "ODIN_THREADS": str(threads),
-            "PROMETHEUS_MULTIPROC_DIR": os.path.join(self.tmp.name, "metrics"),
-            "PYTHONPATH": str(ROOT),
-        })
+        self.env.update(
+            {
+                "ODIN_CONFIG": self.config_path,
+                "ODIN_WORKERS": str(workers),
+                "ODIN_THREADS": str(threads),
+                "PROMETHEUS_MULTIPROC_DIR": os.path.join(self.tmp.name, "metrics"),
+                "PYTHONPATH": str(ROOT),
+            }
+        )
         self.env.update(env or {})
         self.workers = workers
         self.proc: subprocess.Popen | None = None
@@ -65,7 +73,10 @@ class GatewayProcess:
         self._logfile = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [GUNICORN, "-c", "gunicorn.conf.py", "wsgi:app"],
-            cwd=ROOT, env=self.env, stdout=self._logfile, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=self.env,
+            stdout=self._logfile,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout
@@ -117,7 +128,9 @@ class GatewayProcess:
 
     def admin(self, path: str, method: str = "GET") -> requests.Response:
         return requests.request(
-            method, f"{self.url}/admin/{path}", timeout=10,
+            method,
+            f"{self.url}/admin/{path}",
+            timeout=10,
             headers={"Authorization": f"Bearer {self.config['admin']['token']}"},
         )
 

@@ -219,8 +219,9 @@ class Upstream:
     ) -> None:
         self._server = _Server(name, tls, port)
         self._server.handshake_failures = []
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.name = name
         self.port = self._server.server_address[1]
         self.scheme = "https" if tls else "http"

@@ -21,8 +21,16 @@ def test_spec_examples_were_all_found():
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("500ms", 0.5), ("30s", 30), ("1m30s", 90), ("2h", 7200), (5, 5.0), ("2.5", 2.5),
-     ("1h1m1s", 3661), (0.25, 0.25)],
+    [
+        ("500ms", 0.5),
+        ("30s", 30),
+        ("1m30s", 90),
+        ("2h", 7200),
+        (5, 5.0),
+        ("2.5", 2.5),
+        ("1h1m1s", 3661),
+        (0.25, 0.25),
+    ],
 )
 def test_durations(text, seconds):
     assert parse_duration(text) == pytest.approx(seconds)
@@ -81,31 +89,51 @@ def test_env_value_cannot_inject_yaml():
 @pytest.mark.parametrize(
     ("services", "expected"),
     [
-        ("- {name: a, basePath: /a, targets: ['http://h:1']}\n"
-         "- {name: a, basePath: /b, targets: ['http://h:1']}",
-         "services[1].name: duplicate of services[0]"),
-        ("- {name: a, basePath: /a/, targets: ['http://h:1']}\n"
-         "- {name: b, basePath: /a, targets: ['http://h:1']}",
-         "services[1].basePath: duplicate of services[0]"),
-        ("- {name: a, basePath: /admin/x, targets: ['http://h:1']}",
-         "services[0].basePath: /admin/x is under the reserved path /admin"),
-        ("- {name: a, basePath: /metrics, targets: ['http://h:1']}",
-         "services[0].basePath: /metrics is under the reserved path /metrics"),
-        ("- {name: a, basePath: /ready, targets: ['http://h:1']}",
-         "services[0].basePath: /ready is under the reserved path /ready"),
-        ("- {name: a, basePath: api, targets: ['http://h:1']}",
-         "services[0].basePath: must start with /"),
-        ("- {name: a, basePath: /a}",
-         "services[0].targets: at least one target is needed when serviceMesh is off"),
-        ("- {name: a, basePath: /a, targets: ['http://h:1/path']}",
-         "services[0].targets[0]: invalid URL 'http://h:1/path': a target is "
-         "scheme://host[:port] only"),
-        ("- {name: a, basePath: /a, targets: ['http://h:notaport']}",
-         "services[0].targets[0]: invalid URL 'http://h:notaport': Port could not be cast to "
-         "integer value as 'notaport'"),
-        ("- {name: a, basePath: /a, targets: ['http://h:1'], loadBalancing: fastest}",
-         "services[0].loadBalancing: Must be one of: round-robin, random, weighted, "
-         "least-request."),
+        (
+            "- {name: a, basePath: /a, targets: ['http://h:1']}\n"
+            "- {name: a, basePath: /b, targets: ['http://h:1']}",
+            "services[1].name: duplicate of services[0]",
+        ),
+        (
+            "- {name: a, basePath: /a/, targets: ['http://h:1']}\n"
+            "- {name: b, basePath: /a, targets: ['http://h:1']}",
+            "services[1].basePath: duplicate of services[0]",
+        ),
+        (
+            "- {name: a, basePath: /admin/x, targets: ['http://h:1']}",
+            "services[0].basePath: /admin/x is under the reserved path /admin",
+        ),
+        (
+            "- {name: a, basePath: /metrics, targets: ['http://h:1']}",
+            "services[0].basePath: /metrics is under the reserved path /metrics",
+        ),
+        (
+            "- {name: a, basePath: /ready, targets: ['http://h:1']}",
+            "services[0].basePath: /ready is under the reserved path /ready",
+        ),
+        (
+            "- {name: a, basePath: api, targets: ['http://h:1']}",
+            "services[0].basePath: must start with /",
+        ),
+        (
+            "- {name: a, basePath: /a}",
+            "services[0].targets: at least one target is needed when serviceMesh is off",
+        ),
+        (
+            "- {name: a, basePath: /a, targets: ['http://h:1/path']}",
+            "services[0].targets[0]: invalid URL 'http://h:1/path': a target is "
+            "scheme://host[:port] only",
+        ),
+        (
+            "- {name: a, basePath: /a, targets: ['http://h:notaport']}",
+            "services[0].targets[0]: invalid URL 'http://h:notaport': Port could not be cast to "
+            "integer value as 'notaport'",
+        ),
+        (
+            "- {name: a, basePath: /a, targets: ['http://h:1'], loadBalancing: fastest}",
+            "services[0].loadBalancing: Must be one of: round-robin, random, weighted, "
+            "least-request.",
+        ),
     ],
 )
 def test_service_rules(services, expected):

@@ -9,15 +9,27 @@ def environ(**headers):
 
 
 def test_hop_by_hop_and_connection_named_headers_dropped():
-    env = environ(connection="keep-alive, X-Secret-Hop", x_secret_hop="1", keep_alive="5",
-                  te="trailers", upgrade="h2c", proxy_authorization="Basic x", x_app="ok")
+    env = environ(
+        connection="keep-alive, X-Secret-Hop",
+        x_secret_hop="1",
+        keep_alive="5",
+        te="trailers",
+        upgrade="h2c",
+        proxy_authorization="Basic x",
+        x_app="ok",
+    )
     out = upstream_headers(env, frozenset())
     assert out == {"X-App": "ok"}
 
 
 def test_owned_headers_are_dropped_for_the_gateway_to_set():
-    env = environ(host="h", x_forwarded_proto="https", x_forwarded_host="evil",
-                  x_forwarded_prefix="/x", x_request_id="abc")
+    env = environ(
+        host="h",
+        x_forwarded_proto="https",
+        x_forwarded_host="evil",
+        x_forwarded_prefix="/x",
+        x_request_id="abc",
+    )
     assert upstream_headers(env, frozenset()) == {}
 
 
@@ -38,8 +50,16 @@ def test_header_name_titles():
 
 
 def test_response_headers_keep_repeats_and_drop_hop_by_hop():
-    items = [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Connection", "close, X-Hop"),
-             ("X-Hop", "1"), ("Transfer-Encoding", "chunked"), ("Content-Type", "text/plain")]
+    items = [
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2"),
+        ("Connection", "close, X-Hop"),
+        ("X-Hop", "1"),
+        ("Transfer-Encoding", "chunked"),
+        ("Content-Type", "text/plain"),
+    ]
     assert response_headers(items) == [
-        ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Content-Type", "text/plain")
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2"),
+        ("Content-Type", "text/plain"),
     ]

@@ -51,8 +51,13 @@ def test_root_route_catches_the_rest():
 
 @pytest.mark.parametrize(
     ("raw", "upstream"),
-    [("/api/users", "/"), ("/api/users/", "/"), ("/api/users/42", "/42"),
-     ("/api/%75sers/42", "/42"), ("/api/users/a%2Fb", "/a%2Fb")],
+    [
+        ("/api/users", "/"),
+        ("/api/users/", "/"),
+        ("/api/users/42", "/42"),
+        ("/api/%75sers/42", "/42"),
+        ("/api/users/a%2Fb", "/a%2Fb"),
+    ],
 )
 def test_strip_base_path_by_segments(table, raw, upstream):
     assert table.match("/api/users").upstream_path(raw) == upstream

@@ -4,13 +4,23 @@ from odin_gw.mesh.snapshot import Endpoint, ServiceEndpoints, Snapshot
 def test_json_round_trip():
     svc = ServiceEndpoints(
         "web",
-        (Endpoint("10.0.0.1", 8080, datacenter="dc1", identity="spiffe://td/ns/default/dc/dc1/svc/web",
-                  scheme="https", weight=3),
-         Endpoint("10.0.0.2", 8080, healthy=False, status="critical", datacenter="dc2")),
-        source="consul", datacenters=("dc1", "dc2"),
+        (
+            Endpoint(
+                "10.0.0.1",
+                8080,
+                datacenter="dc1",
+                identity="spiffe://td/ns/default/dc/dc1/svc/web",
+                scheme="https",
+                weight=3,
+            ),
+            Endpoint("10.0.0.2", 8080, healthy=False, status="critical", datacenter="dc2"),
+        ),
+        source="consul",
+        datacenters=("dc1", "dc2"),
     )
-    snap = Snapshot(mesh="consul").with_services({"web": svc}, refreshed_at=123.0,
-                                                catalog=("web", "db"))
+    snap = Snapshot(mesh="consul").with_services(
+        {"web": svc}, refreshed_at=123.0, catalog=("web", "db")
+    )
     back = Snapshot.from_json(snap.to_json())
     assert back.services["web"] == svc
     assert back.version == 1 and back.catalog == ("web", "db") and back.refreshed_at == 123.0
