@@ -311,14 +311,11 @@ class GatewaySchema(Section):
 
     @validates_schema(skip_on_field_errors=False, pass_original=True)
     def check_services(self, data, original, **kwargs):
-        services = data.get("services") or []
+        # Works on the raw entries, so an entry with a bad field still gets its name and
+        # base path checked: every problem is reported in one go.
         given = original.get("services") if isinstance(original, dict) else None
-        if (
-            not isinstance(given, list)
-            or len(services) != len(given)
-            or not all(isinstance(s, model.ServiceConfig) for s in services)
-        ):
-            return  # an entry failed on its own; its siblings' indices would be wrong
+        if not isinstance(given, list):
+            return
         monitoring = data.get("monitoring")
         if not isinstance(monitoring, model.MonitoringConfig):
             monitoring = model.MonitoringConfig()
@@ -333,17 +330,24 @@ class GatewaySchema(Section):
 
         names: dict[str, int] = {}
         bases: dict[str, int] = {}
-        for i, svc in enumerate(services):
-            if svc.name in names:
-                add(i, "name", f"duplicate of services[{names[svc.name]}]")
-            names.setdefault(svc.name, i)
-            if svc.base_path in bases:
-                add(i, "basePath", f"duplicate of services[{bases[svc.base_path]}]")
-            bases.setdefault(svc.base_path, i)
-            for path in reserved:
-                if svc.base_path == path or svc.base_path.startswith(path.rstrip("/") + "/"):
-                    add(i, "basePath", f"{svc.base_path} is under the reserved path {path}")
-            if mesh.kind == "none" and not svc.targets:
+        for i, entry in enumerate(given):
+            if not isinstance(entry, dict):
+                continue
+            name = entry.get("name")
+            if isinstance(name, str):
+                if name in names:
+                    add(i, "name", f"duplicate of services[{names[name]}]")
+                names.setdefault(name, i)
+            base = entry.get("basePath")
+            if isinstance(base, str) and base.startswith("/"):
+                base = _normalize_base(base)
+                if base in bases:
+                    add(i, "basePath", f"duplicate of services[{bases[base]}]")
+                bases.setdefault(base, i)
+                for path in reserved:
+                    if base == path or base.startswith(path.rstrip("/") + "/"):
+                        add(i, "basePath", f"{base} is under the reserved path {path}")
+            if mesh.kind == "none" and not entry.get("targets"):
                 add(i, "targets", "at least one target is needed when serviceMesh is off")
         if errors:
             raise ValidationError({"services": errors})

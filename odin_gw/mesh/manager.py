@@ -274,7 +274,7 @@ class MeshManager:
         self.metrics.discovery.labels(self.mesh.kind, "error").inc()
         with self._publish_lock:
             snap = self.snapshot
-            if reason != self._failing_since:
+            if self._failing_since is None:  # log changes of state, not every poll
                 log.warning(
                     "mesh %s discovery failing, serving the last good snapshot: %s",
                     self.mesh.kind,
@@ -292,19 +292,28 @@ class MeshManager:
             )
 
     def publish(self, result: Discovery) -> None:
-        """Merge a discovery answer into the snapshot and share it (leader only)."""
+        """Merge a discovery answer into the snapshot and share it (leader only).
+
+        An answer that carries only errors is a failure: the snapshot keeps its services
+        and its refresh time, and the failure is counted.
+        """
         now = time.time()
         errors = dict(result.errors)
+        if errors and not result.services and result.catalog is None:
+            self.failed("; ".join(f"{k}: {v}" for k, v in sorted(errors.items())))
+            return
         self.metrics.discovery.labels(self.mesh.kind, "partial" if errors else "ok").inc()
         with self._publish_lock:
             snap = self.snapshot
             services: dict[str, ServiceEndpoints] = dict(snap.services)
             services.update(result.services)
             for name in result.absent:
-                services.pop(name, None)
+                # Known to the mesh, now gone: no instances (and no fallback to static
+                # targets, which serve only while the mesh never answered for a service).
+                services[name] = ServiceEndpoints(name, (), source=self.mesh.kind)
             if errors:
                 reason = "; ".join(f"{k}: {v}" for k, v in sorted(errors.items()))
-                if reason != self._failing_since:
+                if self._failing_since is None:
                     log.warning(
                         "mesh %s: some services could not be refreshed: %s", self.mesh.kind, reason
                     )

@@ -56,17 +56,21 @@ class GatewayProcess:
             yaml.safe_dump(config, fh)
         self.log_path = os.path.join(self.tmp.name, "gateway.log")
         self.env = dict(os.environ)
+        for name in ("ODIN_WORKERS", "ODIN_THREADS", "WEB_CONCURRENCY", "GUNICORN_CMD_ARGS"):
+            self.env.pop(name, None)
+        if workers is not None:
+            self.env["ODIN_WORKERS"] = str(workers)
+        if threads is not None:
+            self.env["ODIN_THREADS"] = str(threads)
         self.env.update(
             {
                 "ODIN_CONFIG": self.config_path,
-                "ODIN_WORKERS": str(workers),
-                "ODIN_THREADS": str(threads),
                 "PROMETHEUS_MULTIPROC_DIR": os.path.join(self.tmp.name, "metrics"),
                 "PYTHONPATH": str(ROOT),
             }
         )
         self.env.update(env or {})
-        self.workers = workers
+        self.workers = workers or 1
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait_ready: bool = True, timeout: float = 30.0) -> GatewayProcess:

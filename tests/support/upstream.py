@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes
     server: _Server
 
     def log_message(self, *args) -> None:  # quiet
@@ -177,6 +178,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 256  # listen backlog: socketserver's default of 5 drops SYNs
     allow_reuse_address = True
 
     def __init__(self, name: str, tls: ssl.SSLContext | None, port: int = 0) -> None:

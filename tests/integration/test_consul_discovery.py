@@ -1,0 +1,268 @@
+"""Consul discovery: registrations, health, datacenters, outages, leadership, headers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import requests
+
+from tests.doubles.consul import ConsulDouble
+from tests.integration.consul_helpers import Traffic, consul_config, eventually, servers
+from tests.support.upstream import Upstream
+
+pytestmark = pytest.mark.integration
+
+WEB = [{"name": "web", "basePath": "/web"}]
+
+
+@pytest.fixture
+def consul():
+    with ConsulDouble() as c:
+        yield c
+
+
+def test_routing_follows_registrations_and_health(consul, gateway_factory, upstream, upstream_b):
+    consul.register("web", id="web-a", port=upstream.port)
+    gw = gateway_factory(consul_config(consul, WEB), workers=2)
+    assert servers(gw, "/web/x") == {"a"}
+    consul.register("web", id="web-b", port=upstream_b.port)
+    eventually(lambda: servers(gw, "/web/x", 12) == {"a", "b"}, what="b registered")
+    consul.set_status("web-a", "critical")
+    eventually(lambda: servers(gw, "/web/x") == {"b"}, what="a critical")
+    consul.set_status("web-a", "warning")
+    time.sleep(1)
+    assert servers(gw, "/web/x") == {"b"}, "warning is not healthy by default"
+    consul.set_status("web-a", "passing")
+    eventually(lambda: servers(gw, "/web/x", 12) == {"a", "b"}, what="a passing again")
+    consul.deregister("web-b")
+    eventually(lambda: servers(gw, "/web/x") == {"a"}, what="b deregistered")
+    entry = gw.admin("services").json()["services"][0]
+    assert entry["source"] == "consul"
+    assert [t["serviceId"] for t in entry["targets"]] == ["web-a"]
+    consul.deregister("web-a")
+    eventually(lambda: servers(gw, "/web/x") == {"http-503"}, what="all gone")
+    assert requests.get(gw.url + "/web/x").json()["code"] == "no_healthy_target"
+
+
+def test_accept_warning_and_weights(consul, gateway_factory, upstream, upstream_b):
+    consul.register(
+        "web",
+        id="web-a",
+        port=upstream.port,
+        status="warning",
+        weights={"Passing": 1, "Warning": 1},
+    )
+    consul.register("web", id="web-b", port=upstream_b.port, weights={"Passing": 9, "Warning": 1})
+    gw = gateway_factory(
+        consul_config(
+            consul,
+            [{"name": "web", "basePath": "/web", "loadBalancing": "weighted"}],
+            acceptWarning=True,
+        )
+    )
+    seen = [requests.get(gw.url + "/web/x").json()["server"] for _ in range(200)]
+    assert 0 < seen.count("a") < seen.count("b")
+    targets = {t["serviceId"]: t for t in gw.admin("services").json()["services"][0]["targets"]}
+    assert targets["web-a"]["status"] == "warning" and targets["web-a"]["healthy"] is True
+    assert targets["web-b"]["weight"] == 9
+
+
+def test_empty_service_address_falls_back_to_node_address(consul, gateway_factory, upstream):
+    consul.register("web", id="web-a", port=upstream.port, address="", node_address="127.0.0.1")
+    gw = gateway_factory(consul_config(consul, WEB))
+    assert servers(gw, "/web/x") == {"a"}
+
+
+def test_mesh_service_name_and_static_fallback_until_mesh_answers(
+    gateway_factory, upstream, upstream_b
+):
+    consul = ConsulDouble()
+    consul.start()
+    port = consul.port
+    consul.go_down()
+    try:
+        services = [
+            {
+                "name": "web",
+                "basePath": "/web",
+                "meshService": "web-v2",
+                "targets": [upstream_b.url],
+            }
+        ]
+        gw = gateway_factory(consul_config(consul, services))  # ready after grace period
+        assert servers(gw, "/web/x") == {"b"}, "static targets while Consul never answered"
+        assert gw.admin("services").json()["services"][0]["source"] == "static"
+        consul.come_up()
+        assert consul.port == port
+        consul.register("web-v2", id="v2", port=upstream.port)
+        eventually(lambda: servers(gw, "/web/x") == {"a"}, timeout=15, what="mesh took over")
+    finally:
+        consul.stop()
+
+
+def test_datacenter_failover(gateway_factory, upstream, upstream_b):
+    with ConsulDouble(datacenters=("dc1", "dc2")) as consul:
+        consul.register("web", id="a1", port=upstream.port, datacenter="dc1")
+        consul.register("web", id="b2", port=upstream_b.port, datacenter="dc2", node="n2")
+        gw = gateway_factory(consul_config(consul, WEB, datacenters=["dc1", "dc2"]))
+        r = requests.get(gw.url + "/web/x")
+        assert r.json()["server"] == "a"
+        assert dict(r.json()["headers"])["X-Consul-Datacenter"] == "dc1"
+        consul.set_status("a1", "critical")
+        eventually(lambda: servers(gw, "/web/x") == {"b"}, what="failover to dc2")
+        r = requests.get(gw.url + "/web/x")
+        assert dict(r.json()["headers"])["X-Consul-Datacenter"] == "dc2"
+        entry = gw.admin("services").json()["services"][0]
+        assert entry["servingDatacenter"] == "dc2"
+        consul.set_status("a1", "passing")
+        eventually(lambda: servers(gw, "/web/x") == {"a"}, what="back to dc1")
+        dcs = {q.query.get("dc", [None])[0] for q in consul.requests_matching("/v1/health/")}
+        assert dcs == {"dc1", "dc2"}
+
+
+def test_outage_keeps_last_snapshot_and_reports(consul, gateway_factory, upstream):
+    consul.register("web", id="web-a", port=upstream.port)
+    gw = gateway_factory(consul_config(consul, WEB), workers=2)
+    with Traffic(gw.url + "/web/x") as traffic:
+        time.sleep(0.5)
+        consul.go_down()
+        mesh = eventually(
+            lambda: (m := gw.admin("mesh").json())["consecutiveFailures"] > 0 and m,
+            what="failure reported",
+        )
+        assert "cannot reach Consul" in mesh["lastError"]
+        time.sleep(1)
+        consul.come_up()
+        consul.garbage(True)
+        eventually(
+            lambda: "JSON" in (gw.admin("mesh").json()["lastError"] or ""), what="garbage reported"
+        )
+        consul.garbage(False)
+        consul.hang(True)
+        time.sleep(2.5)
+        consul.hang(False)
+        consul.fail_with(500, "rpc error: No cluster leader")
+        eventually(
+            lambda: "No cluster leader" in (gw.admin("mesh").json()["lastError"] or ""),
+            what="500 reported",
+        )
+        consul.fail_with(None)
+        eventually(
+            lambda: gw.admin("mesh").json()["lastError"] is None, timeout=15, what="recovered"
+        )
+    assert traffic.codes and set(traffic.codes) == {200}, traffic.errors[:3]
+    assert len(traffic.codes) > 50
+    # Logged once per change of state, not once per poll.
+    assert gw.log().count("discovery failing, serving the last good snapshot") <= 4
+
+
+def test_index_going_backwards_is_handled(consul, gateway_factory, upstream, upstream_b):
+    consul.register("web", id="web-a", port=upstream.port)
+    gw = gateway_factory(consul_config(consul, WEB))
+    assert servers(gw, "/web/x") == {"a"}
+    consul.set_index_backwards()
+    consul.register("web", id="web-b", port=upstream_b.port)
+    consul.deregister("web-a")
+    eventually(lambda: servers(gw, "/web/x") == {"b"}, what="update after index reset")
+
+
+def test_exactly_one_process_polls_and_leader_kill(consul, gateway_factory, upstream):
+    consul.register("web", id="web-a", port=upstream.port)
+    gw = gateway_factory(consul_config(consul, WEB), workers=3)
+    time.sleep(1.5)
+    leader = gw.admin("mesh").json()["leaderPid"]
+    workers = set(gw.worker_pids())
+    assert leader in workers
+    agents = consul.user_agents("/v1/")
+    assert agents == {f"odin-gw/0.1.0 (pid {leader})"}, agents
+    with Traffic(gw.url + "/web/x") as traffic:
+        time.sleep(0.3)
+        os.kill(leader, signal.SIGKILL)
+        new = eventually(
+            lambda: (p := gw.admin("mesh").json()["leaderPid"]) not in (None, leader) and p,
+            timeout=15,
+            what="new leader",
+        )
+        consul.clear_log()
+        time.sleep(1.5)
+    assert new in set(gw.worker_pids())
+    assert consul.user_agents("/v1/") == {f"odin-gw/0.1.0 (pid {new})"}
+    # Requests that were on the killed worker's sockets may fail; routing never stopped.
+    failures = [c for c in traffic.codes if c != 200]
+    assert len(failures) <= 2, traffic.errors
+    assert traffic.codes[-20:] == [200] * 20
+
+
+def test_token_goes_to_consul_only(gateway_factory, upstream):
+    with ConsulDouble(acl_tokens={"gw-secret-token": "read"}) as consul:
+        consul.register("web", id="web-a", port=upstream.port)
+        gw = gateway_factory(consul_config(consul, WEB, token="gw-secret-token"))
+        r = requests.get(gw.url + "/web/x", headers={"X-Consul-Token": "client-spoof"})
+        names = {k.lower() for k, _ in r.json()["headers"]}
+        assert "x-consul-token" not in names
+        assert consul.requests_matching("/v1/health/")[-1].headers["x-consul-token"] == (
+            "gw-secret-token"
+        )
+        for path in ("config", "mesh", "services"):
+            assert "gw-secret-token" not in gw.admin(path).text
+        assert "gw-secret-token" not in gw.log()
+        assert "gw-secret-token" not in str(upstream.seen)
+
+
+def test_forward_token_opt_in(gateway_factory, upstream):
+    with ConsulDouble(acl_tokens={"gw-secret-token": "read"}) as consul:
+        consul.register("web", id="web-a", port=upstream.port)
+        gw = gateway_factory(consul_config(consul, WEB, token="gw-secret-token", forwardToken=True))
+        r = requests.get(gw.url + "/web/x", headers={"X-Consul-Token": "client-spoof"})
+        assert dict(r.json()["headers"])["X-Consul-Token"] == "gw-secret-token"
+        assert "consul.forwardToken is on" in gw.log()
+
+
+def test_bad_token_is_reported_without_leaking(gateway_factory, upstream):
+    with ConsulDouble(acl_tokens={"good": "read"}) as consul:
+        consul.register("web", id="web-a", port=upstream.port)
+        gw = gateway_factory(
+            consul_config(
+                consul,
+                [{"name": "web", "basePath": "/web", "targets": [upstream.url]}],
+                token="wrong-token",
+            ),
+        )
+        mesh = eventually(
+            lambda: (m := gw.admin("mesh").json())["lastError"] and m, what="ACL error shown"
+        )
+        assert "ACL" in mesh["lastError"] and "403" in mesh["lastError"]
+        assert "wrong-token" not in gw.admin("mesh").text and "wrong-token" not in gw.log()
+        assert servers(gw, "/web/x") == {"a"}  # static targets: the mesh never answered
+
+
+def test_refresh_endpoint_and_metrics(consul, gateway_factory, upstream):
+    consul.register("web", id="web-a", port=upstream.port)
+    gw = gateway_factory(consul_config(consul, WEB, blockingWait="10s"), workers=2)
+    before = consul.count("/v1/catalog/services")
+    r = gw.admin("mesh/refresh", method="POST")
+    assert r.status_code == 202
+    eventually(lambda: consul.count("/v1/catalog/services") > before, what="refresh ran")
+    text = requests.get(gw.url + "/metrics").text
+    assert 'odin_mesh_endpoints{health="healthy",service="web"} 1.0' in text
+    assert 'odin_mesh_discovery_attempts_total{mesh="consul",result="ok"}' in text
+    assert "odin_mesh_snapshot_age_seconds" in text
+
+
+def test_warm_cache_after_restart_with_consul_down(tmp_path, gateway_factory, upstream):
+    state = str(tmp_path / "state")
+    with ConsulDouble() as consul:
+        consul.register("web", id="web-a", port=upstream.port)
+        cfg = consul_config(consul, WEB)
+        cfg["serviceMesh"]["stateDir"] = state
+        cfg["serviceMesh"]["readyGracePeriod"] = "60s"
+        first = gateway_factory(cfg)
+        assert servers(first, "/web/x") == {"a"}
+        first.stop()
+        consul.go_down()
+        second = gateway_factory(cfg)  # ready at once from the warm cache
+        assert second.admin("mesh").json()["readyReason"] in ("warm cache", "discovery answered")
+        assert servers(second, "/web/x") == {"a"}

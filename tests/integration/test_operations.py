@@ -1,0 +1,199 @@
+"""Health, readiness, admin API, metrics across workers, access logs, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from tests.support.gateway import ROOT, GatewayProcess
+
+pytestmark = pytest.mark.integration
+
+
+def svc(url, **extra):
+    return {"name": "web", "basePath": "/web", "targets": [url], **extra}
+
+
+def test_health_ready_live(gateway_factory, upstream):
+    gw = gateway_factory({"services": [svc(upstream.url)]})
+    assert requests.get(gw.url + "/health").json()["status"] == "ok"
+    assert requests.get(gw.url + "/live").status_code == 200
+    ready = requests.get(gw.url + "/ready")
+    assert ready.status_code == 200 and ready.json()["routes"] == 1
+
+
+def test_admin_refused_without_configured_token(gateway_factory, upstream):
+    gw = gateway_factory({"services": [svc(upstream.url)], "admin": {}})
+    r = requests.get(gw.url + "/admin/routes", headers={"Authorization": "Bearer anything"})
+    assert r.status_code == 403 and r.json()["code"] == "admin_disabled"
+
+
+def test_admin_token_checked(gateway_factory, upstream):
+    gw = gateway_factory({"services": [svc(upstream.url)]})
+    assert requests.get(gw.url + "/admin/routes").status_code == 401
+    wrong = requests.get(gw.url + "/admin/routes", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"].startswith("Bearer")
+    assert gw.admin("routes").status_code == 200
+    assert gw.admin("nonexistent").status_code == 404
+
+
+def test_admin_routes_services_config(gateway_factory, upstream):
+    gw = gateway_factory(
+        {
+            "services": [svc(upstream.url, headers={"Authorization": "Basic c2VjcmV0"})],
+            "serviceMesh": {"consul": {"token": "consul-secret-token"}},
+        }
+    )
+    routes = gw.admin("routes").json()["routes"]
+    assert routes[0]["service"] == "web" and routes[0]["basePath"] == "/web"
+    services = gw.admin("services").json()
+    entry = services["services"][0]
+    assert entry["source"] == "static"
+    assert entry["targets"][0]["url"] == upstream.url
+    assert entry["targets"][0]["healthy"] is True
+    cfg = gw.admin("config")
+    text = cfg.text
+    assert cfg.status_code == 200
+    for secret in ("consul-secret-token", "c2VjcmV0", gw.config["admin"]["token"]):
+        assert secret not in text
+    assert cfg.json()["services"][0]["basePath"] == "/web"
+
+
+def metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_add_up_across_workers(gateway_factory, upstream):
+    gw = gateway_factory(
+        {"services": [svc(upstream.url)], "monitoring": {"enabled": True}}, workers=2
+    )
+    pids = set()
+    for _ in range(40):
+        # New connection each time, so both workers take requests.
+        r = requests.get(gw.url + "/web/x", headers={"Connection": "close"})
+        assert r.status_code == 200
+        pids.add(requests.get(gw.url + "/health", headers={"Connection": "close"}).json()["pid"])
+    requests.get(gw.url + "/web/status/503", headers={"Connection": "close"})
+    assert len(pids) == 2, "both workers should have served"
+    text = requests.get(gw.url + "/metrics").text
+    assert metric(text, "odin_requests_total", service="web", status_class="2xx") == 40
+    assert metric(text, "odin_requests_total", service="web", status_class="5xx") == 1
+    assert metric(text, "odin_request_duration_seconds_count", service="web") == 41
+
+
+def test_upstream_errors_counted(gateway_factory):
+    from tests.support.upstream import free_port
+
+    gw = gateway_factory(
+        {"services": [svc(f"http://127.0.0.1:{free_port()}")], "monitoring": {"enabled": True}}
+    )
+    assert requests.post(gw.url + "/web/x", data=b"1").status_code == 502
+    text = requests.get(gw.url + "/metrics").text
+    assert (
+        metric(text, "odin_upstream_errors_total", service="web", kind="upstream_unreachable") == 1
+    )
+
+
+def test_access_log_lines(gateway_factory, upstream):
+    gw = gateway_factory({"services": [svc(upstream.url)]})
+    r = requests.get(gw.url + "/web/hello")
+    rid = r.headers["X-Request-Id"]
+    deadline = time.monotonic() + 5
+    while rid not in gw.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(line for line in gw.log().splitlines() if rid in line)
+    assert "odin_gw.access" in line and "GET /web/hello 200" in line
+    assert "service=web" in line and f"target=http://127.0.0.1:{upstream.port}" in line
+    assert re.search(r" \d+\.\dms ", line)
+
+
+def test_json_logs(gateway_factory, upstream):
+    gw = gateway_factory({"services": [svc(upstream.url)], "logging": {"json": True}})
+    rid = requests.get(gw.url + "/web/hello").headers["X-Request-Id"]
+    deadline = time.monotonic() + 5
+    while rid not in gw.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    doc = next(json.loads(x) for x in gw.log().splitlines() if rid in x)
+    assert doc["requestId"] == rid and doc["status"] == 200 and doc["service"] == "web"
+    assert doc["target"] == f"http://127.0.0.1:{upstream.port}" and doc["durationMs"] >= 0
+
+
+def test_secrets_never_logged(gateway_factory, upstream):
+    gw = gateway_factory(
+        {
+            "services": [svc(upstream.url)],
+            "logging": {"level": "debug"},
+            "serviceMesh": {"consul": {"token": "consul-secret-token"}},
+        }
+    )
+    requests.get(gw.url + "/web/x", headers={"Authorization": "Bearer client-secret"})
+    gw.admin("config")
+    time.sleep(0.3)
+    log = gw.log()
+    for secret in ("consul-secret-token", "client-secret", gw.config["admin"]["token"]):
+        assert secret not in log
+
+
+def run_cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "odin_gw.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
+
+
+def test_check_config_cli(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("services:\n - {name: a, basePath: /a, targets: ['http://h:1']}\n")
+    ok = run_cli("check-config", str(good))
+    assert ok.returncode == 0 and "ok (1 services" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("serviceMesh:\n  istio:\n    pilotAdr: x\nserver: {timeout: soon}\n")
+    out = run_cli("check-config", str(bad))
+    assert out.returncode == 2
+    assert "serviceMesh.istio.pilotAdr: unknown field" in out.stderr
+    assert "server.timeout: not a duration" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_gunicorn_refuses_bad_config(tmp_path):
+    gw = GatewayProcess(
+        {"services": [{"name": "a", "basePath": "/admin/x", "targets": ["nope://"]}]}
+    )
+    try:
+        with pytest.raises(RuntimeError) as info:
+            gw.start(timeout=20)
+        text = str(info.value)
+        assert "services[0].basePath: /admin/x is under the reserved path /admin" in text
+        assert "services[0].targets[0]: invalid URL 'nope://'" in text
+        assert "Traceback" not in text
+        assert gw.proc.returncode == 2
+    finally:
+        gw.cleanup()
+
+
+def test_obsolete_keys_logged_once(gateway_factory, upstream):
+    gw = gateway_factory(
+        {
+            "services": [svc(upstream.url)],
+            "serviceMesh": {"istio": {"mixerAddr": "istio-telemetry:15004"}},
+        },
+        workers=2,
+    )
+    assert gw.log().count("Mixer was removed in Istio 1.8") == 1
