@@ -67,6 +67,7 @@ def worker_exit(server, worker):
     if gateway is not None:
         gateway.stop()
 
+
 # gunicorn's control socket is an unauthenticated admin interface at a path shared by
 # every gunicorn of the user; the gateway has its own admin API.
 control_socket_disable = True

@@ -11,7 +11,6 @@ import requests
 
 from tests.doubles.consul import ConsulDouble
 from tests.integration.consul_helpers import Traffic, consul_config, eventually, servers
-from tests.support.upstream import Upstream
 
 pytestmark = pytest.mark.integration
 

@@ -56,7 +56,7 @@ def gw(gateway_factory, upstream):
 @pytest.mark.timeout(240)
 def test_one_gigabyte_download_with_flat_memory(gw):
     worker = gw.worker_pids()[0]
-    requests.get(gw.url + "/s/big?bytes=1048576").content  # warm the pools
+    assert len(requests.get(gw.url + "/s/big?bytes=1048576").content) == 1048576  # warm up
     before = rss_kib(worker, "VmRSS")
     received = 0
     with requests.get(gw.url + f"/s/big?bytes={GB}", stream=True, timeout=120) as r:
