@@ -25,7 +25,12 @@ def ready():
     """Ready when the config is loaded, routes are built and the mesh view is usable."""
     gateway = current_app.extensions["odin"]
     ok, why = gateway.mesh.ready()
-    body = {"status": "ready" if ok else "not ready", "reason": why, "routes": len(gateway.routes)}
+    body = {
+        "status": "ready" if ok else "not ready",
+        "reason": why,
+        "routes": len(gateway.routes),
+        "pid": os.getpid(),
+    }
     response = jsonify(body)
     response.status_code = 200 if ok else 503
     return response

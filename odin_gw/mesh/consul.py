@@ -156,6 +156,8 @@ class ConsulClient:
         if self.cfg.enable_connect:
             scheme = "https"
             identity = self.identity(service, datacenter, svc.get("Namespace") or "default")
+        elif self.mesh.mtls_enabled:
+            scheme = "https"  # mTLS with the configured files; trustDomain checked if set
         return Endpoint(
             address=str(address),
             port=port,

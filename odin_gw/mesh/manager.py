@@ -325,7 +325,8 @@ class MeshManager:
                 snap.with_services(
                     services,
                     catalog=result.catalog if result.catalog is not None else snap.catalog,
-                    refreshed_at=now,
+                    # Catalog-only news is not a refresh of the routed services.
+                    refreshed_at=now if (result.services or result.absent) else snap.refreshed_at,
                     attempted_at=now,
                     last_error=reason if errors else None,
                     consecutive_failures=snap.consecutive_failures + 1 if errors else 0,
@@ -364,10 +365,12 @@ class MeshManager:
                 self._seen_snapshot = self.state.mtime(self.state.snapshot_path)
             except OSError as exc:
                 log.warning("could not write the snapshot file: %s", exc)
+        # Routing tables and TLS pools first: /ready (which reads self.tls) must not say
+        # yes before requests can use what it reports.
+        self.on_change(snap, tls)
         self.snapshot = snap
         self.tls = tls
         self._export(snap, tls)
-        self.on_change(snap, tls)
 
     def _export(self, snap: Snapshot, tls: TlsMaterial | None) -> None:
         gauge = self.metrics.endpoints

@@ -186,7 +186,9 @@ def test_exactly_one_process_polls_and_leader_kill(consul, gateway_factory, upst
             what="new leader",
         )
         consul.clear_log()
-        time.sleep(1.5)
+        consul.register("web", id="web-a2", port=upstream.port)  # wakes blocking queries
+        consul.wait_for_requests("/v1/health/", n=1, timeout=10)
+        time.sleep(1)
     assert new in set(gw.worker_pids())
     assert consul.user_agents("/v1/") == {f"odin-gw/0.1.0 (pid {new})"}
     # Requests that were on the killed worker's sockets may fail; routing never stopped.

@@ -85,17 +85,20 @@ class GatewayProcess:
         )
         deadline = time.monotonic() + timeout
         path = "/ready" if wait_ready else "/health"
+        answered: set[int] = set()  # every worker must have said so, not just one
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if requests.get(self.url + path, timeout=1).status_code == 200 and (
-                    len(self.worker_pids()) >= self.workers
-                ):
+                r = requests.get(self.url + path, timeout=1, headers={"Connection": "close"})
+                if r.status_code == 200:
+                    answered.add(r.json()["pid"])
+                workers = set(self.worker_pids())
+                if len(workers) >= self.workers and workers <= answered:
                     return self
             except requests.RequestException:
                 pass
-            time.sleep(0.1)
+            time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"gateway not {path[1:]} within {timeout}s:\n{self.log()}")
 
