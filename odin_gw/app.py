@@ -40,6 +40,8 @@ def create_app(config: GatewayConfig | str | None = None, *, start: bool = True)
     from .proxy.blueprint import proxy_bp
 
     app.before_request(_start_exchange)
+    if gateway.injectors:
+        app.before_request(_mesh_headers)
     app.after_request(_finish_exchange)
     app.register_blueprint(ops_bp)
     app.register_blueprint(admin_bp)
@@ -59,6 +61,14 @@ def create_app(config: GatewayConfig | str | None = None, *, start: bool = True)
 
 def _start_exchange() -> None:
     g.exchange = Exchange(request.environ)
+
+
+def _mesh_headers() -> None:
+    """Let each mesh header injector add what it knows before routing."""
+    environ = request.environ
+    exchange = g.exchange
+    for injector in _gateway().injectors:
+        injector.request(exchange, environ)
 
 
 def _finish_exchange(response):

@@ -23,7 +23,8 @@ class MeshHeaders:
     strip_prefixes: tuple[str, ...] = ()
 
     def request(self, exchange: Exchange, environ: dict) -> None:
-        """Called once per request before routing."""
+        """Called once per request in a ``before_request`` hook; may append to
+        ``exchange.mesh_headers`` (trace ids, for instance)."""
 
     def upstream(self, exchange: Exchange, endpoint: Endpoint, headers: dict[str, str]) -> None:
         """Called for each attempt with the chosen endpoint and the outgoing headers."""

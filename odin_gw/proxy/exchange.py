@@ -19,6 +19,7 @@ class Exchange:
     __slots__ = (
         "datacenter",
         "error_kind",
+        "mesh_headers",
         "method",
         "path",
         "request_id",
@@ -40,6 +41,8 @@ class Exchange:
         self.status = 0
         self.response_bytes = 0
         self.error_kind: str | None = None
+        # Filled by the mesh header injectors' before_request hook; sent upstream.
+        self.mesh_headers: list[tuple[str, str]] = []
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

@@ -129,8 +129,8 @@ class Forwarder:
         self._forwarded(environ, route, headers)
         for name, value in route.headers:
             headers[name] = value
-        for inj in self.gateway.injectors:
-            inj.request(exchange, environ)
+        for name, value in exchange.mesh_headers:
+            headers[name] = value
         headers["X-Request-Id"] = exchange.request_id
         url = route.upstream_path(_raw_path(environ))
         query = environ.get("QUERY_STRING")
@@ -147,8 +147,10 @@ class Forwarder:
         adapter = self.gateway.session.adapter
         stale_retry = retry_ok
         endpoint: Endpoint | None = None
-        while attempts > 0:
-            if endpoint is None:
+        while True:
+            if endpoint is None:  # else: a stale keep-alive connection, same endpoint again
+                if attempts == 0:
+                    break
                 endpoint = balancer.pick(candidates, tried, health.available)
                 if endpoint is None:
                     break

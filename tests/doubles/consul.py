@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
+import ssl
 import threading
 import time
 import traceback
@@ -135,11 +136,14 @@ class ConsulDouble:
         node_address: str = "127.0.0.1",
         host: str = "127.0.0.1",
         port: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """``tls``: serve HTTPS with this server context (Consul's ``https`` listener)."""
         if ca is None:
             ca = CertificateAuthority(trust_domain=f"{uuid.uuid4()}.consul")
         self.host = host
         self._port = port
+        self._tls = tls
         self.state = ConsulState(
             datacenter=datacenter,
             datacenters=datacenters,
@@ -206,8 +210,8 @@ class ConsulDouble:
 
     @property
     def url(self) -> str:
-        """``http://host:port``."""
-        return f"http://{self.address}"
+        """``http://host:port`` (``https`` when serving TLS)."""
+        return f"{'https' if self._tls else 'http'}://{self.address}"
 
     @property
     def is_up(self) -> bool:
@@ -224,6 +228,8 @@ class ConsulDouble:
                     raise
                 time.sleep(0.05)
         self._port = server.server_address[1]
+        if self._tls is not None:
+            server.socket = self._tls.wrap_socket(server.socket, server_side=True)
         thread = threading.Thread(
             target=server.serve_forever,
             kwargs={"poll_interval": 0.05},

@@ -130,6 +130,19 @@ def write_pair(directory: str, issued) -> None:
         os.replace(tmp, os.path.join(directory, name))
 
 
+def files_config(consul, certs: str, ca) -> dict:
+    """Consul discovery without Connect; mTLS from the files in ``certs``."""
+    cfg = consul_config(consul, WEB)
+    cfg["serviceMesh"].update(
+        mtlsEnabled=True,
+        trustDomain=ca.trust_domain,
+        certFile=os.path.join(certs, "cert.pem"),
+        keyFile=os.path.join(certs, "key.pem"),
+        caFile=os.path.join(certs, "ca.pem"),
+    )
+    return cfg
+
+
 def test_files_mode_mtls_and_reload_under_traffic(ca, gateway_factory):
     with (
         tempfile.TemporaryDirectory() as certs,
@@ -140,14 +153,7 @@ def test_files_mode_mtls_and_reload_under_traffic(ca, gateway_factory):
         write_pair(certs, ca.issue(uri=gateway_uri, ttl=timedelta(hours=1)))
         ca.write_ca(os.path.join(certs, "ca.pem"))
         consul.register("web", id="web-1", port=backend.port)
-        cfg = consul_config(consul, WEB)
-        cfg["serviceMesh"].update(
-            mtlsEnabled=True,
-            trustDomain=ca.trust_domain,
-            certFile=os.path.join(certs, "cert.pem"),
-            keyFile=os.path.join(certs, "key.pem"),
-            caFile=os.path.join(certs, "ca.pem"),
-        )
+        cfg = files_config(consul, certs, ca)
         gw = gateway_factory(cfg, workers=2)
         assert requests.get(gw.url + "/web/x").json()["peer"] == [gateway_uri]
         first = gw.admin("mesh").json()["certificate"]["serial"]
@@ -171,7 +177,6 @@ def test_files_mode_mtls_and_reload_under_traffic(ca, gateway_factory):
 
 
 def test_files_mode_rejects_peer_outside_trust_domain(ca, gateway_factory):
-    foreign = CertificateAuthority(trust_domain="other.example")
     with tempfile.TemporaryDirectory() as certs, ConsulDouble() as consul:
         # The backend's cert chains to our CA but names another trust domain.
         leaf = ca.issue(uri="spiffe://other.example/ns/default/dc/dc1/svc/web")
@@ -181,15 +186,7 @@ def test_files_mode_rejects_peer_outside_trust_domain(ca, gateway_factory):
         with Upstream("b", tls=ctx) as backend:
             write_pair(certs, ca.issue(uri=consul_service_uri(ca.trust_domain, "odin-gateway")))
             consul.register("web", id="web-1", port=backend.port)
-            cfg = consul_config(consul, WEB)
-            cfg["serviceMesh"].update(
-                mtlsEnabled=True,
-                trustDomain=ca.trust_domain,
-                certFile=os.path.join(certs, "cert.pem"),
-                keyFile=os.path.join(certs, "key.pem"),
-                caFile=os.path.join(certs, "ca.pem"),
-            )
+            cfg = files_config(consul, certs, ca)
             gw = gateway_factory(cfg)
             r = requests.get(gw.url + "/web/x")
             assert r.status_code == 502 and r.json()["code"] == "upstream_identity_mismatch"
-    del foreign

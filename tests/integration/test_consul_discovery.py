@@ -267,3 +267,51 @@ def test_warm_cache_after_restart_with_consul_down(tmp_path, gateway_factory, up
         second = gateway_factory(cfg)  # ready at once from the warm cache
         assert second.admin("mesh").json()["readyReason"] in ("warm cache", "discovery answered")
         assert servers(second, "/web/x") == {"a"}
+
+
+def test_https_consul_verified_by_mesh_ca(tmp_path, gateway_factory, upstream):
+    import ssl
+
+    from tests.doubles.pki import CertificateAuthority
+
+    ca = CertificateAuthority()
+    cert, key = ca.issue(dns_names=("localhost",)).write(tmp_path, "consul.pem", "consul.key")
+    ca_path = tmp_path / "ca.pem"
+    ca.write_ca(ca_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    with ConsulDouble(tls=ctx) as consul:
+        consul.register("web", id="web-a", port=upstream.port)
+        cfg = consul_config(consul, WEB)
+        cfg["serviceMesh"]["caFile"] = str(ca_path)
+        gw = gateway_factory(cfg)
+        assert consul.url.startswith("https://")
+        assert servers(gw, "/web/x") == {"a"}
+    # The same Consul with a CA the gateway does not trust is refused, never trusted.
+    other = CertificateAuthority()
+    other_path = tmp_path / "other.pem"
+    other.write_ca(other_path)
+    with ConsulDouble(tls=ctx) as consul:
+        consul.register("web", id="web-a", port=upstream.port)
+        cfg = consul_config(
+            consul, [{"name": "web", "basePath": "/web", "targets": [upstream.url]}]
+        )
+        cfg["serviceMesh"]["caFile"] = str(other_path)
+        gw = gateway_factory(cfg)
+        mesh = eventually(
+            lambda: (m := gw.admin("mesh").json())["lastError"] and m, what="TLS failure reported"
+        )
+        assert "cannot reach Consul" in mesh["lastError"]
+        assert consul.count("/v1/") == 0
+
+
+def test_namespace_sent_only_when_set(gateway_factory, upstream):
+    with ConsulDouble() as consul:
+        consul.register("web", id="web-a", port=upstream.port)
+        gateway_factory(consul_config(consul, WEB))
+        assert all("ns" not in q.query for q in consul.requests_matching("/v1/"))
+    with ConsulDouble() as consul:
+        consul.register("web", id="web-a", port=upstream.port)
+        gateway_factory(consul_config(consul, WEB, namespace="team-a"), wait_ready=False)
+        consul.wait_for_requests("/v1/health/", n=1, timeout=10)
+        assert all(q.query.get("ns") == ["team-a"] for q in consul.requests_matching("/v1/"))

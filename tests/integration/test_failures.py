@@ -143,3 +143,26 @@ def test_upstream_closing_keepalive_connections_is_invisible(gateway_factory, up
     for _ in range(3):
         assert requests.get(gw.url + "/k/nolength").status_code == 200  # upstream closes
         assert requests.get(gw.url + "/k/x").status_code == 200
+
+
+def test_read_timeout_cuts_a_stalled_upload(gateway_factory, upstream):
+    gw = gateway_factory(
+        {
+            "server": {"readTimeout": "1s"},
+            "services": [{"name": "u", "basePath": "/u", "targets": [upstream.url]}],
+        }
+    )
+    pid = requests.get(gw.url + "/health").json()["pid"]
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(b"POST /u/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n")
+        s.sendall(b"a" * 100_000)  # more than the small-body buffer, then stall
+        started = time.monotonic()
+        answer = s.recv(65536)  # the gateway gives up on us; we never send the rest
+        waited = time.monotonic() - started
+    assert waited < 8
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 400")
+    deadline = time.monotonic() + 10
+    while not upstream.incomplete_uploads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert upstream.incomplete_uploads, "upstream should see the request cut short"
+    assert requests.get(gw.url + "/health").json()["pid"] == pid
