@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import os
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, jsonify, request
+from flask.sessions import NullSession, SessionInterface
 
 from .accesslog import configure_logging
 from .config import GatewayConfig, load_config
 from .errors import GatewayError
 from .gateway import Gateway
 from .proxy.exchange import Exchange
+from .proxy.forwarder import ProxyResponse
 
 log = logging.getLogger("odin_gw")
 
@@ -32,6 +34,7 @@ def create_app(config: GatewayConfig | str | None = None, *, start: bool = True)
 
     app = Flask("odin_gw")
     app.config["MAX_CONTENT_LENGTH"] = None
+    app.session_interface = NoSessions()
     gateway = Gateway(config)
     app.extensions["odin"] = gateway
 
@@ -39,10 +42,9 @@ def create_app(config: GatewayConfig | str | None = None, *, start: bool = True)
     from .ops import ops_bp
     from .proxy.blueprint import proxy_bp
 
-    app.before_request(_start_exchange)
-    if gateway.injectors:
-        app.before_request(_mesh_headers)
-    app.after_request(_finish_exchange)
+    hooks = RequestHooks(gateway)
+    app.before_request(hooks.start)
+    app.after_request(hooks.finish)
     app.register_blueprint(ops_bp)
     app.register_blueprint(admin_bp)
     if config.monitoring.enabled:
@@ -59,51 +61,76 @@ def create_app(config: GatewayConfig | str | None = None, *, start: bool = True)
     return app
 
 
-def _start_exchange() -> None:
-    g.exchange = Exchange(request.environ)
+class NoSessions(SessionInterface):
+    """The gateway keeps no cookie sessions: skip Flask's per-request session work."""
+
+    null_session_class = NullSession
+
+    def open_session(self, app, request):
+        return _NULL_SESSION
+
+    def is_null_session(self, obj) -> bool:
+        return True
+
+    def save_session(self, app, session, response) -> None:
+        return None
 
 
-def _mesh_headers() -> None:
-    """Let each mesh header injector add what it knows before routing."""
-    environ = request.environ
-    exchange = g.exchange
-    for injector in _gateway().injectors:
-        injector.request(exchange, environ)
+_NULL_SESSION = NullSession()
+
+EXCHANGE = "odin.exchange"
+GATEWAY = "odin.gateway"
 
 
-def _finish_exchange(response):
-    exchange: Exchange | None = g.get("exchange")
-    if exchange is None:
+class RequestHooks:
+    """The ``before_request``/``after_request`` hooks, bound to one gateway.
+
+    The exchange and the gateway travel in the WSGI environ: one context-local lookup
+    (``request.environ``) per hook instead of several through ``g`` and ``current_app``.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.metrics = gateway.metrics
+        self.access_log = gateway.access_log
+        self.injectors = tuple(gateway.injectors)
+
+    def start(self) -> None:
+        environ = request.environ
+        exchange = Exchange(environ)
+        environ[EXCHANGE] = exchange
+        environ[GATEWAY] = self.gateway
+        for injector in self.injectors:  # mesh headers: trace ids and the like
+            injector.request(exchange, environ)
+
+    def finish(self, response):
+        exchange: Exchange | None = request.environ.get(EXCHANGE)
+        if exchange is None:
+            return response
+        if not exchange.status:
+            exchange.status = response.status_code
+        if type(response) is not ProxyResponse and "X-Request-Id" not in response.headers:
+            response.headers["X-Request-Id"] = exchange.request_id  # relayed ones have it
+        if not exchange.response_bytes and response.content_length:
+            exchange.response_bytes = response.content_length
+        metrics = self.metrics
+        access_log = self.access_log
+
+        def done() -> None:
+            seconds = exchange.elapsed()
+            metrics.observe(
+                exchange.service, exchange.method, exchange.status, seconds, exchange.error_kind
+            )
+            if access_log is not None:
+                access_log.record(exchange, seconds)
+
+        response.call_on_close(done)
         return response
-    if not exchange.status:
-        exchange.status = response.status_code
-    if "X-Request-Id" not in response.headers:
-        response.headers["X-Request-Id"] = exchange.request_id
-    gateway = _gateway()
-    metrics = gateway.metrics
-    access_log = gateway.access_log
-
-    def done() -> None:
-        seconds = exchange.elapsed()
-        metrics.observe(
-            exchange.service, exchange.method, exchange.status, seconds, exchange.error_kind
-        )
-        if access_log is not None:
-            access_log.record(exchange, seconds)
-
-    response.call_on_close(done)
-    return response
-
-
-def _gateway() -> Gateway:
-    from flask import current_app
-
-    return current_app.extensions["odin"]
 
 
 def error_response(status: int, code: str, message: str, **extra):
     """The one JSON error shape: ``{"error", "code", "requestId", ...}``."""
-    exchange = g.get("exchange")
+    exchange = request.environ.get(EXCHANGE)
     body = {"error": message, "code": code}
     if exchange is not None:
         body["requestId"] = exchange.request_id

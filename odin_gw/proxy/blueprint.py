@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, g, request
+from flask import Blueprint, request
 
 from ..errors import BadRequest, RouteNotFound
 
@@ -15,8 +15,8 @@ METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
 @proxy_bp.route("/<path:path>", methods=METHODS, provide_automatic_options=False)
 def forward(path: str):
     environ = request.environ
-    gateway = current_app.extensions["odin"]
-    exchange = g.exchange
+    gateway = environ["odin.gateway"]
+    exchange = environ["odin.exchange"]
     path_info = environ.get("PATH_INFO") or "/"
     if "/." in path_info and _has_dot_segment(path_info):
         raise BadRequest("path contains . or .. segments", path=path_info)

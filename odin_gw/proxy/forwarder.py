@@ -7,9 +7,11 @@ import logging
 import socket
 import ssl
 import struct
+import weakref
 from collections.abc import Iterator
 from urllib.parse import quote
 
+from flask import Response  # Flask's own class: anything else is converted per request
 from urllib3.exceptions import (
     ConnectTimeoutError,
     NewConnectionError,
@@ -17,7 +19,6 @@ from urllib3.exceptions import (
     ReadTimeoutError,
     SSLError,
 )
-from werkzeug.wrappers import Response
 
 from ..errors import (
     BadRequest,
@@ -46,10 +47,26 @@ NO_BODY_STATUS = frozenset({204, 304})
 
 
 class ProxyResponse(Response):
-    """A response that adds nothing of its own: no default content type, length as sent."""
+    """A response that adds nothing of its own: no default content type, length as sent.
+
+    Its headers are the upstream's, already parsed and checked by http.client, so they
+    are handed over as they are instead of being re-validated one by one, and sent as
+    they are instead of being copied and "fixed" for the environ (werkzeug's
+    ``get_wsgi_headers``).
+    """
 
     default_mimetype = None
     automatically_set_content_length = False
+
+    @classmethod
+    def relay(cls, body, status: int, header_list: list[tuple[str, str]]) -> ProxyResponse:
+        response = cls(body, status=status)
+        # werkzeug's Headers is a thin wrapper around exactly such a list.
+        response.headers._list = header_list
+        return response
+
+    def get_wsgi_headers(self, environ):
+        return self.headers
 
 
 class UpstreamBody:
@@ -107,15 +124,20 @@ class Forwarder:
         server = gateway.config.server
         self._rcvtimeo = _timeval(server.read_timeout)
         self._sndtimeo = _timeval(server.write_timeout)
+        self._bounded: weakref.WeakSet = weakref.WeakSet()
 
     def _bound_client_io(self, sock) -> None:
         # Kernel timeouts on the client socket: readTimeout bounds each receive of the
-        # request body, writeTimeout each send of the answer. setsockopt is one cheap
-        # syscall; settimeout() would make every recv/send poll first.
+        # request body, writeTimeout each send of the answer. Set once per connection
+        # (keep-alive requests reuse the socket object); settimeout() instead would make
+        # every recv/send poll first.
+        if sock in self._bounded:
+            return
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self._rcvtimeo)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._sndtimeo)
-        except (OSError, AttributeError):
+            self._bounded.add(sock)
+        except (OSError, AttributeError, TypeError):
             pass  # not a kernel socket (e.g. a TLS wrapper in a test server)
 
     def forward(self, environ: dict, route: Route, exchange: Exchange) -> Response:
@@ -255,12 +277,12 @@ class Forwarder:
     def _respond(resp, method: str, exchange: Exchange, finish) -> Response:
         status = resp.status
         exchange.status = status
-        headers = response_headers(resp.headers.items())
+        headers = response_headers(resp.headers.iteritems())
         headers.append(("X-Request-Id", exchange.request_id))
         if method == "HEAD" or status in NO_BODY_STATUS or status < 200:
             resp.release_conn()
             finish()
-            return ProxyResponse((), status=status, headers=headers)
+            return ProxyResponse.relay((), status, headers)
         length = resp.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) <= SMALL_BODY:
             try:
@@ -275,8 +297,8 @@ class Forwarder:
             resp.release_conn()
             finish()
             exchange.response_bytes = len(data)
-            return ProxyResponse([data], status=status, headers=headers)
-        return ProxyResponse(UpstreamBody(resp, exchange, finish), status=status, headers=headers)
+            return ProxyResponse.relay([data], status, headers)
+        return ProxyResponse.relay(UpstreamBody(resp, exchange, finish), status, headers)
 
 
 def _timeval(seconds: float) -> bytes:

@@ -92,9 +92,15 @@ def upstream_headers(
 
 def response_headers(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """The upstream response's end-to-end headers, repeated ones (Set-Cookie) kept apart."""
-    items = list(items)
-    dropped = set(HOP_BY_HOP)
+    kept = []
+    named: set[str] = set()
     for name, value in items:
-        if name.lower() == "connection":
-            dropped.update(t.strip().lower() for t in value.split(","))
-    return [(n, v) for n, v in items if n.lower() not in dropped]
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            if lower == "connection":
+                named.update(t.strip().lower() for t in value.split(","))
+            continue
+        kept.append((name, value))
+    if named:
+        kept = [(n, v) for n, v in kept if n.lower() not in named]
+    return kept
