@@ -115,7 +115,9 @@ class MeshManager:
         if snap.refreshed_at:
             return True, "discovery answered" if not snap.warm else "warm cache"
         if time.monotonic() - self.started_at >= self.mesh.ready_grace_period:
-            return True, "grace period over, using static targets"
+            if any(s.targets for s in self.config.services):
+                return True, "grace period over, using static targets"
+            return False, "no discovery yet and no static targets to fall back on"
         return False, "waiting for the first discovery"
 
     # -- life cycle -------------------------------------------------------------------

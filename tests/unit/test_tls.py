@@ -1,0 +1,57 @@
+"""TLS material and SPIFFE identity rules, on certificates minted here."""
+
+import pytest
+
+from odin_gw.mesh.identity import PeerIdentityError, check_identity, peer_uris
+from odin_gw.mesh.tls import TlsMaterial, TlsMaterialError
+from tests.doubles.pki import CertificateAuthority, consul_service_uri
+
+CA = CertificateAuthority()
+WEB = consul_service_uri(CA.trust_domain, "web")
+
+
+def test_material_version_and_facts():
+    leaf = CA.issue(uri=WEB)
+    a = TlsMaterial(leaf.cert_pem, leaf.key_pem, CA.cert_pem, source="test")
+    b = TlsMaterial(leaf.cert_pem, leaf.key_pem, CA.cert_pem, source="test")
+    assert a.version == b.version
+    facts = a.describe()
+    assert facts["spiffeId"] == WEB and facts["secondsLeft"] > 0
+    assert "key" not in repr(a).lower().replace("key_pem", "")  # the key is not in repr
+    assert leaf.key_pem not in str(facts)
+    a.context()  # builds
+
+
+def test_mismatched_key_is_refused():
+    one, two = CA.issue(uri=WEB), CA.issue(uri=WEB)
+    material = TlsMaterial(one.cert_pem, two.key_pem, CA.cert_pem, source="files")
+    with pytest.raises(TlsMaterialError, match="key does not match the certificate"):
+        material.context()
+
+
+def test_from_files_names_the_missing_file(tmp_path):
+    with pytest.raises(TlsMaterialError, match=r"certFile .*nope\.pem"):
+        TlsMaterial.from_files(str(tmp_path / "nope.pem"), "k", "c")
+
+
+def test_garbage_certificate():
+    with pytest.raises(TlsMaterialError, match="not a PEM certificate"):
+        TlsMaterial("garbage", "k", "c", source="x")
+
+
+def test_identity_rules():
+    check_identity((WEB,), WEB, None)
+    check_identity((WEB,), None, CA.trust_domain)
+    check_identity((), None, None)  # CA check only
+    with pytest.raises(PeerIdentityError, match=r"expected .*svc/web, peer presented .*svc/db"):
+        check_identity((consul_service_uri(CA.trust_domain, "db"),), WEB, None)
+    with pytest.raises(PeerIdentityError, match="no SPIFFE ID"):
+        check_identity((), WEB, None)
+    with pytest.raises(PeerIdentityError):
+        check_identity(("spiffe://other.example/ns/default/sa/web",), None, CA.trust_domain)
+
+
+def test_peer_uris_from_getpeercert_shape():
+    cert = {"subjectAltName": (("DNS", "x"), ("URI", WEB))}
+    assert peer_uris(cert) == (WEB,)
+    assert peer_uris(None) == ()
