@@ -34,7 +34,8 @@ class Gateway:
         self.routes = RouteTable.from_config(config)
         self.metrics = GatewayMetrics()
         self.injectors = injectors_for(config)
-        threads = config.server.threads or int(os.environ.get("ODIN_THREADS") or DEFAULT_THREADS)
+        # gunicorn.conf.py exports the thread count it chose (ODIN_THREADS beats config).
+        threads = int(os.environ.get("ODIN_THREADS") or config.server.threads or DEFAULT_THREADS)
         self.session = UpstreamSession(pool_size=threads)
         self._views: MappingProxyType = MappingProxyType({})
         self.mesh = manager or MeshManager(config, self.metrics, self._on_snapshot)

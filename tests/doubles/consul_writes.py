@@ -291,7 +291,8 @@ class WriteEndpoints(EndpointBase):
         return self._ttl_update(req, cid, status, field_of(body, "Output") or "")
 
     # -- catalog writes ---------------------------------------------------------------
-    def catalog_register(self, req: Request, _rest: str, _aborted: Callable[[], bool]) -> Reply:
+    def _catalog_request(self, req: Request) -> tuple[dict, str, str]:
+        """The body, datacenter and node of a catalog write, checked as Consul does."""
         body = self.body_json(req)
         if not isinstance(body, dict):
             raise HTTPError(400, "Request decode failed: expected a JSON object")
@@ -301,6 +302,10 @@ class WriteEndpoints(EndpointBase):
         node = field_of(body, "Node") or ""
         if not node:
             raise HTTPError(500, "Must provide node")
+        return body, dc, node
+
+    def catalog_register(self, req: Request, _rest: str, _aborted: Callable[[], bool]) -> Reply:
+        body, dc, node = self._catalog_request(req)
         address = field_of(body, "Address") or ""
         skip_node = bool(field_of(body, "SkipNodeUpdate"))
         if not address and not skip_node:
@@ -388,15 +393,7 @@ class WriteEndpoints(EndpointBase):
         return Reply.json(True)
 
     def catalog_deregister(self, req: Request, _rest: str, _aborted: Callable[[], bool]) -> Reply:
-        body = self.body_json(req)
-        if not isinstance(body, dict):
-            raise HTTPError(400, "Request decode failed: expected a JSON object")
-        dc = field_of(body, "Datacenter") or req.arg("dc") or self.state.datacenter
-        if dc not in self.state.datacenters:
-            raise no_dc_path()
-        node = field_of(body, "Node") or ""
-        if not node:
-            raise HTTPError(500, "Must provide node")
+        body, dc, node = self._catalog_request(req)
         authz = self.authz(req)
         state = self.state
         service_id = field_of(body, "ServiceID") or ""
