@@ -32,7 +32,8 @@ def create_app(config: GatewayConfig | str | None = None, *, start: bool = True)
         for notice in config.notices:
             log.warning("%s", notice)
 
-    app = Flask("odin_gw")
+    # No static folder: Flask would otherwise answer /static/... itself instead of proxying.
+    app = Flask("odin_gw", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = None
     app.session_interface = NoSessions()
     gateway = Gateway(config)

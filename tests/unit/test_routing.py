@@ -65,3 +65,13 @@ def test_strip_base_path_by_segments(table, raw, upstream):
 
 def test_no_strip_keeps_path(table):
     assert table.match("/api/x").upstream_path("/api/x") == "/api/x"
+
+
+def test_flask_answers_no_path_of_its_own_beyond_the_gateways():
+    from odin_gw import create_app
+
+    cfg = parse_config("services:\n - {name: s, basePath: /static, targets: ['http://h']}\n")
+    app = create_app(cfg, start=False)
+    rules = {r.rule for r in app.url_map.iter_rules()}
+    assert not any(r.startswith("/static") for r in rules)
+    assert {"/<path:path>", "/health", "/ready", "/live"} <= rules
