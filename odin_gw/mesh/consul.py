@@ -315,7 +315,6 @@ class ConsulClient:
 
     def _watch_tls(self, publish_tls: PublishTls, stop: threading.Event, report: Publish) -> None:
         state = {"roots": None, "leaf": None}
-        changed = threading.Event()
 
         def publish() -> None:
             if state["roots"] and state["leaf"]:
@@ -331,7 +330,6 @@ class ConsulClient:
             idx, td, bundle = self.roots(index)
             if state["roots"] != (td, bundle):
                 state["roots"] = (td, bundle)
-                changed.set()
                 publish()
             return idx
 

@@ -6,8 +6,9 @@ changes. The leader alone talks to the control plane: a periodic full ``discover
 every ``serviceMesh.refreshInterval`` plus the client's own ``watch`` thread (blocking
 queries for Consul). Request threads only ever read ``manager.snapshot``.
 
-Locking rule: ``_publish_lock`` serialises the leader's merge-and-write of the snapshot;
-it is never held across a network call.
+Locking rule: every change of ``snapshot``/``tls`` goes through ``_set`` under
+``_publish_lock``, so no writer can put back what another just replaced; the lock is never
+held across a network call.
 """
 
 from __future__ import annotations
@@ -81,7 +82,6 @@ class MeshManager:
         self._seen_trigger = 0
         self._tls_files_seen: tuple = ()
         self._failing_since: str | None = None
-        self._warm_loaded = False
 
     # -- properties -------------------------------------------------------------------
     @property
@@ -215,7 +215,6 @@ class MeshManager:
             return
         if initial:
             snap = snap.evolve(warm=True)
-            self._warm_loaded = True
         tls = self.tls
         tls_version = (snap.tls or {}).get("version")
         stale = tls is None or tls.version != tls_version
@@ -224,7 +223,8 @@ class MeshManager:
                 tls = self.state.read_tls() or tls
             except (OSError, ValueError, KeyError, TlsMaterialError) as exc:
                 log.warning("ignoring unreadable TLS material file: %s", exc)
-        self._set(snap, tls, write=False)
+        with self._publish_lock:
+            self._set(snap, tls, write=False)
 
     def _load_tls_files(self) -> None:
         if not self._uses_tls_files():
@@ -247,7 +247,8 @@ class MeshManager:
         self.tls_error = None
         if self.tls is None or material.version != self.tls.version:
             log.info("TLS material loaded from files (version %s)", material.version)
-            self._set(self.snapshot, material, write=False)
+            with self._publish_lock:  # a concurrent publish must not put the old pair back
+                self._set(self.snapshot, material, write=False)
 
     # -- the leader's side ----------------------------------------------------------------
     def _discover(self) -> None:

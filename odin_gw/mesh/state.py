@@ -22,6 +22,28 @@ def default_state_dir(port: int) -> str:
     return os.path.join(tempfile.gettempdir(), f"odin-gw-{port}")
 
 
+def write_atomic(
+    path: str | os.PathLike, text: str, *, tmp_dir: str | os.PathLike, mode: int = 0o600
+) -> None:
+    """Replace ``path`` with ``text`` via a temporary file in ``tmp_dir`` and a rename.
+
+    ``tmp_dir`` must be on the same filesystem as ``path``; a reader sees the old file or
+    the new one, never half of either.
+    """
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 class StateDir:
     """Files shared by the gateway processes of one host."""
 
@@ -75,18 +97,7 @@ class StateDir:
 
     # -- files ------------------------------------------------------------------------
     def write_atomic(self, path: str, text: str, mode: int = 0o600) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, text, tmp_dir=self.path, mode=mode)
 
     def write_snapshot(self, snapshot: Snapshot) -> None:
         self.write_atomic(self.snapshot_path, snapshot.to_json())

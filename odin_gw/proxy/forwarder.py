@@ -108,8 +108,8 @@ class UpstreamBody:
 class Forwarder:
     """Sends requests upstream through the session's adapter pools.
 
-    ``targets`` is the gateway's callable giving a route's current candidates;
-    ``injectors`` are the mesh header injectors (see :mod:`odin_gw.mesh.headers`).
+    ``gateway.candidates(route)`` gives a route's current endpoints; the gateway's mesh
+    header injectors (see :mod:`odin_gw.mesh.headers`) decide what is stripped and added.
     """
 
     def __init__(self, gateway) -> None:

@@ -133,12 +133,7 @@ class WriteEndpoints(EndpointBase):
             address=address,
             tags=list(tags) if tags else None,
             meta=dict(meta) if meta else None,
-            weights={
-                "Passing": int(field_of(weights, "Passing", 0)),
-                "Warning": int(field_of(weights, "Warning", 0)),
-            }
-            if weights
-            else {"Passing": 1, "Warning": 1},
+            weights=_weights(weights),
             tagged_addresses=self._tagged(field_of(body, "TaggedAddresses"), address, port),
             enable_tag_override=bool(field_of(body, "EnableTagOverride")),
             kind=kind,
@@ -330,12 +325,7 @@ class WriteEndpoints(EndpointBase):
                 address=field_of(raw_svc, "Address") or "",
                 tags=list(tags) if tags else None,
                 meta=dict(meta) if meta else None,
-                weights={
-                    "Passing": int(field_of(weights, "Passing", 0)),
-                    "Warning": int(field_of(weights, "Warning", 0)),
-                }
-                if weights
-                else {"Passing": 1, "Warning": 1},
+                weights=_weights(weights),
                 tagged_addresses=field_of(raw_svc, "TaggedAddresses") or None,
                 enable_tag_override=bool(field_of(raw_svc, "EnableTagOverride")),
                 kind=field_of(raw_svc, "Kind") or "",
@@ -410,3 +400,13 @@ class WriteEndpoints(EndpointBase):
                 authz.require("node", "write", node)
                 state.remove_node(dc, node)
         return Reply.json(True)
+
+
+def _weights(weights: object) -> dict[str, int]:
+    """A registration's ``Weights`` as Consul stores them (absent: 1 and 1)."""
+    if not weights:
+        return {"Passing": 1, "Warning": 1}
+    return {
+        "Passing": int(field_of(weights, "Passing", 0)),
+        "Warning": int(field_of(weights, "Warning", 0)),
+    }

