@@ -22,7 +22,8 @@ except ConfigError as _exc:
 _server = _cfg.server
 
 bind = [f"{_server.host}:{_server.port}"]  # gunicorn's own -b on the command line wins
-worker_class = _server.worker_class
+# "edge" is the slow-client-safe worker built on gthread (odin_gw.edge_worker).
+worker_class = {"edge": "gthread"}.get(_server.worker_class, _server.worker_class)
 workers = int(os.environ.get("ODIN_WORKERS") or _server.workers or (os.cpu_count() or 2))
 threads = int(os.environ.get("ODIN_THREADS") or _server.threads or 64)
 os.environ["ODIN_THREADS"] = str(threads)  # the app sizes its upstream pools from it

@@ -17,9 +17,16 @@ class ServerConfig:
     connect_timeout: float = 5.0
     workers: int | None = None
     threads: int | None = None
-    worker_class: str = "gthread"
+    worker_class: str = "edge"
     graceful_timeout: float = 30.0
     keepalive: float = 5.0
+    # Peers whose X-Forwarded-*/Forwarded headers are believed (parsed networks).
+    trusted_proxies: tuple = ()
+    # Slow-client limits, enforced by the edge worker before a request gets a thread.
+    header_timeout: float = 10.0
+    buffer_body: int = 64 * 1024
+    min_body_rate: int = 240
+    min_body_rate_grace: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,8 @@ class ServiceConfig:
     retries: int = 1
     preserve_host: bool = False
     mesh_service: str | None = None
+    idle_timeout: float | None = None
+    ca_file: str | None = None
     passive_health: PassiveHealthConfig = field(default_factory=PassiveHealthConfig)
 
 

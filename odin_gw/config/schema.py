@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from urllib.parse import urlsplit
 
 from marshmallow import (
@@ -57,6 +58,44 @@ class TargetField(fields.Field):
         return parse_target(value, weight)
 
 
+class Size(fields.Field):
+    """A size in bytes: a whole number, or ``64KiB``, ``1MiB``, ``512k``, ``2m``."""
+
+    _UNITS = {
+        "": 1,
+        "b": 1,
+        "k": 1024,
+        "kb": 1024,
+        "kib": 1024,
+        "m": 1 << 20,
+        "mb": 1 << 20,
+        "mib": 1 << 20,
+    }
+
+    def _deserialize(self, value, attr, data, **kwargs) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        if isinstance(value, str):
+            text = value.strip().lower()
+            num = text.rstrip("kmibB")
+            unit = text[len(num) :].strip()
+            if num.strip().isdigit() and unit in self._UNITS:
+                return int(num) * self._UNITS[unit]
+        raise ValidationError(f"not a size: {value!r} (use bytes, or e.g. 64KiB, 1MiB)")
+
+
+class Network(fields.Field):
+    """A CIDR (``10.0.0.0/8``) or a single address, parsed to an ip_network."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, str):
+            raise ValidationError("must be a CIDR such as 10.0.0.0/8 or an address")
+        try:
+            return ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError as exc:
+            raise ValidationError(f"not a CIDR or address: {value!r}") from exc
+
+
 def parse_target(url: str, weight: int = 1) -> model.Target:
     """Parse and check one target URL; raises ``ValidationError`` saying what is wrong."""
     try:
@@ -92,13 +131,23 @@ class ServerSchema(Section):
     workers = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(1, 256))
     threads = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(1, 1024))
     worker_class = fields.String(
-        data_key="workerClass", load_default="gthread", validate=validate.OneOf(("gthread", "sync"))
+        data_key="workerClass",
+        load_default="edge",
+        validate=validate.OneOf(("edge", "gthread", "sync")),
     )
     graceful_timeout = Duration(data_key="gracefulTimeout", load_default=30.0)
     keepalive = Duration(load_default=5.0)
+    trusted_proxies = fields.List(Network(), data_key="trustedProxies", load_default=list)
+    header_timeout = Duration(data_key="headerTimeout", load_default=10.0)
+    buffer_body = Size(data_key="bufferBody", load_default=64 * 1024)
+    min_body_rate = fields.Integer(
+        data_key="minBodyRate", load_default=240, validate=validate.Range(0, 1 << 30)
+    )
+    min_body_rate_grace = Duration(data_key="minBodyRateGrace", load_default=5.0, positive=False)
 
     @post_load
     def build(self, data, **kwargs):
+        data["trusted_proxies"] = tuple(data["trusted_proxies"])
         return model.ServerConfig(**data)
 
 
@@ -160,6 +209,8 @@ class ServiceSchema(Section):
     retries = fields.Integer(load_default=1, validate=validate.Range(0, 10))
     preserve_host = fields.Boolean(data_key="preserveHost", load_default=False)
     mesh_service = fields.String(data_key="meshService", load_default=None, allow_none=True)
+    idle_timeout = Duration(data_key="idleTimeout", load_default=None, allow_none=True)
+    ca_file = fields.String(data_key="caFile", load_default=None, allow_none=True)
     passive_health = fields.Nested(
         PassiveHealthSchema, data_key="passiveHealth", load_default=model.PassiveHealthConfig
     )

@@ -9,7 +9,6 @@ import ssl
 import struct
 import weakref
 from collections.abc import Iterator
-from urllib.parse import quote
 
 from flask import Response  # Flask's own class: anything else is converted per request
 from urllib3.exceptions import (
@@ -21,7 +20,6 @@ from urllib3.exceptions import (
 )
 
 from ..errors import (
-    BadRequest,
     ClientDisconnected,
     NoHealthyTarget,
     UpstreamError,
@@ -34,14 +32,14 @@ from ..mesh.identity import PeerIdentityError
 from ..mesh.snapshot import Endpoint
 from ..routing import Route
 from .exchange import Exchange
-from .headers import response_headers, upstream_headers
+from .headers import response_headers
+from .outbound import CHUNK, OutboundBuilder
 from .transport import ConnectFailed, StaleConnection, open_response
 
 log = logging.getLogger("odin_gw.proxy")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-CHUNK = 64 * 1024
-# Bodies up to this size are read whole: cheaper than streaming, and replayable on retry.
+# Upstream bodies up to this size are read whole before the answer starts.
 SMALL_BODY = 64 * 1024
 NO_BODY_STATUS = frozenset({204, 304})
 
@@ -119,8 +117,7 @@ class Forwarder:
         for inj in gateway.injectors:
             strip |= inj.strip
             prefixes.extend(inj.strip_prefixes)
-        self.strip = frozenset(strip)
-        self.strip_prefixes = tuple(prefixes)
+        self.outbound = OutboundBuilder(frozenset(strip), tuple(prefixes))
         server = gateway.config.server
         self._rcvtimeo = _timeval(server.read_timeout)
         self._sndtimeo = _timeval(server.write_timeout)
@@ -145,19 +142,9 @@ class Forwarder:
         client_sock = environ.get("gunicorn.socket")
         if client_sock is not None:
             self._bound_client_io(client_sock)
-        method = environ["REQUEST_METHOD"]
-        headers = upstream_headers(environ, self.strip, self.strip_prefixes)
-        body, chunked, replayable = self._body(environ, headers)
-        self._forwarded(environ, route, headers)
-        for name, value in route.headers:
-            headers[name] = value
-        for name, value in exchange.mesh_headers:
-            headers[name] = value
-        headers["X-Request-Id"] = exchange.request_id
-        url = route.upstream_path(_raw_path(environ))
-        query = environ.get("QUERY_STRING")
-        if query:
-            url = f"{url}?{query}"
+        out = self.outbound.build(environ, route, exchange)
+        method, url, headers = out.method, out.url, out.headers
+        body, chunked, replayable = out.body, out.chunked, out.replayable
 
         candidates = self.gateway.candidates(route)
         retry_ok = replayable and method in IDEMPOTENT
@@ -235,44 +222,6 @@ class Forwarder:
             raise last_error
         raise NoHealthyTarget(f"{route.name}: no healthy target", service=route.name)
 
-    def _body(self, environ: dict, headers: dict[str, str]):
-        """(body, chunked, replayable) for the upstream request."""
-        stream = environ["wsgi.input"]
-        length = environ.get("CONTENT_LENGTH")
-        if length:
-            try:
-                size = int(length)
-            except ValueError:
-                raise BadRequest(f"invalid Content-Length {length!r}") from None
-            if size < 0:
-                raise BadRequest(f"invalid Content-Length {length!r}")
-            headers["Content-Length"] = length
-            if size <= SMALL_BODY:
-                data = _read(stream, size)
-                if len(data) != size:
-                    raise ClientDisconnected(
-                        f"client sent {len(data)} of {size} body bytes and went away"
-                    )
-                return data, False, True
-            return _fixed_length(stream, size), False, False
-        if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-            return _until_eof(stream), True, False
-        return None, False, True
-
-    @staticmethod
-    def _forwarded(environ: dict, route: Route, headers: dict[str, str]) -> None:
-        remote = environ.get("REMOTE_ADDR", "")
-        prior = environ.get("HTTP_X_FORWARDED_FOR")
-        headers["X-Forwarded-For"] = f"{prior}, {remote}" if prior else remote
-        headers["X-Forwarded-Proto"] = environ.get("wsgi.url_scheme", "http")
-        host = environ.get("HTTP_HOST")
-        if host:
-            headers["X-Forwarded-Host"] = host
-            if route.preserve_host:
-                headers["Host"] = host
-        if route.strip_base_path and route.base_path != "/":
-            headers["X-Forwarded-Prefix"] = route.base_path
-
     @staticmethod
     def _respond(resp, method: str, exchange: Exchange, finish) -> Response:
         status = resp.status
@@ -304,45 +253,6 @@ class Forwarder:
 def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
-
-
-def _raw_path(environ: dict) -> str:
-    raw = environ.get("RAW_URI")
-    if raw:
-        if raw[0] != "/":  # absolute-form request target: keep the path only
-            rest = raw.split("://", 1)[-1]
-            slash = rest.find("/")
-            raw = rest[slash:] if slash >= 0 else "/"
-        query = raw.find("?")
-        return raw if query < 0 else raw[:query]
-    return quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "/"))
-
-
-def _read(stream, size: int) -> bytes:
-    try:
-        return stream.read(size)
-    except (OSError, ValueError) as exc:
-        raise ClientDisconnected(f"reading the request body failed: {exc}") from exc
-    except Exception as exc:  # gunicorn's NoMoreData / ChunkMissingTerminator etc.
-        raise ClientDisconnected(f"reading the request body failed: {exc!r}") from exc
-
-
-def _fixed_length(stream, size: int) -> Iterator[bytes]:
-    left = size
-    while left:
-        chunk = _read(stream, min(CHUNK, left))
-        if not chunk:
-            raise ClientDisconnected(f"client went away with {left} of {size} body bytes unsent")
-        left -= len(chunk)
-        yield chunk
-
-
-def _until_eof(stream) -> Iterator[bytes]:
-    while True:
-        chunk = _read(stream, CHUNK)
-        if not chunk:
-            return
-        yield chunk
 
 
 def _reason(exc: BaseException) -> str:
