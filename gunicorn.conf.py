@@ -39,6 +39,12 @@ accesslog = None  # the app writes its own access line (with request id and targ
 errorlog = "-"
 loglevel = _cfg.logging.level
 proc_name = "odin-gw"
+# gunicorn would believe SCRIPT_NAME/PATH_INFO/X-Forwarded-Proto headers from loopback
+# peers by default, moving a request to another route than the target it forwards. The
+# gateway decides forwarding trust itself (server.trustedProxies), so gunicorn trusts no one.
+forwarded_allow_ips = ""
+forwarder_headers = ""
+secure_scheme_headers = {}
 
 # prometheus-client multi-process mode: must be set before any worker imports it.
 _metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.path.join(
