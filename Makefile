@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit integration bench lint check-config clean
+.PHONY: run test unit integration bench mutate lint check-config clean
 
 $(STAMP): requirements.txt requirements-dev.txt setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ bench: $(STAMP)
 	@command -v wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
 	$(PY) -m bench.run
 
+## mutate: mutation testing (mutmut) of MODULES against the in-process suites
+MODULES ?= odin_gw.proxy odin_gw.passive_health odin_gw.admin odin_gw.edge_worker \
+	odin_gw.accesslog odin_gw.config.schema
+mutate: $(STAMP)
+	$(PY) -m pip install --quiet mutmut==3.8.1
+	rm -rf mutants
+	$(VENV)/bin/mutmut run $(foreach m,$(MODULES),"$(m)*") >/dev/null 2>&1 || true
+	$(PY) -m tools.mutation_score $(MODULES)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
@@ -41,4 +50,4 @@ check-config: $(STAMP)
 	$(VENV)/bin/odin-gw check-config $(or $(CONFIG),examples/demo/config.yaml)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info mutants

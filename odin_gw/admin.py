@@ -31,12 +31,19 @@ def _authorize() -> None:
     token = current_app.extensions["odin"].config.admin.token
     if not token:
         raise AdminDenied("admin API disabled: set admin.token to enable it")
-    header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), token.encode()
-    ):
+    if not bearer_matches(request.headers.get("Authorization", ""), token):
         raise AdminUnauthorized("missing or wrong admin bearer token")
+
+
+def bearer_matches(header: str, token: str) -> bool:
+    """True when ``header`` is ``Bearer <token>`` exactly (scheme in any case).
+
+    The comparison takes the same time whatever prefix matches.
+    """
+    scheme, _, given = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    )
 
 
 @admin_bp.after_request

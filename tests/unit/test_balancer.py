@@ -75,3 +75,38 @@ def test_passive_health_ejects_and_backs_off():
 
 def test_make_balancer_names():
     assert make_balancer("least-request").name == "least-request"
+
+
+def test_passive_health_success_resets_the_failure_count():
+    now = [100.0]
+    ph = PassiveHealth(PassiveHealthConfig(2, 5.0, 12.0), clock=lambda: now[0])
+    ph.failed(A.key)
+    ph.succeeded(A.key)
+    ph.failed(A.key)  # one failure since the success: not two in a row
+    assert ph.available(A.key)
+    assert ph.status(A.key) == {"ejected": False, "recentFailures": 1}
+    ph.failed(A.key)
+    assert not ph.available(A.key)
+
+
+def test_passive_health_backoff_doubles_and_each_ejection_needs_a_full_run():
+    now = [100.0]
+    ph = PassiveHealth(PassiveHealthConfig(2, 4.0, 60.0), clock=lambda: now[0])
+    ph.failed(A.key)
+    ph.failed(A.key)  # first ejection: 4 s
+    assert ph.status(A.key) == {"ejected": True, "ejectedFor": 4.0}
+    now[0] += 4.0  # exactly at the end: back in
+    assert ph.available(A.key)
+    assert ph.status(A.key) == {"ejected": False, "recentFailures": 0}
+    ph.failed(A.key)  # one failure after an ejection is not a run of two
+    assert ph.available(A.key)
+    ph.failed(A.key)  # second ejection: 8 s, not 12 (x3) or 16 (two steps)
+    assert ph.status(A.key) == {"ejected": True, "ejectedFor": 8.0}
+    now[0] += 8.0
+    assert ph.available(A.key)
+    assert ph.status(B.key) == {"ejected": False, "recentFailures": 0}
+    now[0] += 0.1234
+    ph.failed(A.key)
+    ph.failed(A.key)  # third: 16 s, reported rounded to the millisecond
+    now[0] += 0.2004
+    assert ph.status(A.key) == {"ejected": True, "ejectedFor": 15.8}
