@@ -57,6 +57,7 @@ CONCURRENCY_CLIENTS = 64
 SLOW_DELAY = 0.2
 GOAL_THROUGHPUT = 0.80
 GOAL_P50 = 1.50
+GOAL_P99 = 1.50
 
 CONFIG_TEMPLATE = """\
 server:
@@ -591,6 +592,10 @@ def print_report(results: list[Result]) -> None:
     if p50 is not None:
         verdict = "ok" if p50 <= GOAL_P50 else "ABOVE GOAL"
         print(f"gateway/floor p50 @1 conn = {p50:.2f} (goal <= {GOAL_P50:.2f}) {verdict}")
+    p99 = ratio("gateway", "floor", 8, "p99_ms")
+    if p99 is not None:
+        verdict = "ok" if p99 <= GOAL_P99 else "ABOVE GOAL"
+        print(f"gateway/floor p99 @8 conns = {p99:.2f} (goal <= {GOAL_P99:.2f}) {verdict}")
     if ("nginx", 8) in by:
         for conns in (8, 1):
             r = by.get(("nginx", conns))
