@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -134,6 +135,7 @@ class AccessLog:
                 "logger": "odin_gw.access",
                 "message": "request",
                 "requestId": exchange.request_id,
+                "client": exchange.client_addr or None,
                 "method": exchange.method,
                 "path": exchange.path,
                 "status": exchange.status,
@@ -145,15 +147,39 @@ class AccessLog:
             }
             if exchange.error_kind:
                 doc["error"] = exchange.error_kind
+            # json.dumps escapes control characters (and, ASCII-only, everything else
+            # unusual): a decoded %0A stays inside its string.
             return json.dumps(doc) + "\n"
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
         error = f" error={exchange.error_kind}" if exchange.error_kind else ""
         return (
             f"{stamp},{int(when * 1000) % 1000:03d} INFO [{self._pid}] odin_gw.access: "
-            f"{exchange.request_id} {exchange.method} {exchange.path} {exchange.status} "
-            f"service={exchange.service or '-'} target={exchange.target or '-'} "
+            f"{exchange.request_id} {escape(exchange.method)} {escape(exchange.path)} "
+            f"{exchange.status} service={exchange.service or '-'} "
+            f"target={exchange.target or '-'} client={escape(exchange.client_addr) or '-'} "
             f"{seconds * 1000:.1f}ms {exchange.response_bytes}B{error}\n"
         )
+
+
+# nginx's access log escaping (ngx_http_log_escape): control characters, '"', '\\', DEL
+# and every byte above 0x7E become \xHH. A space is escaped too, because the fields of
+# the text line are separated by spaces and not quoted.
+_UNSAFE = re.compile(r'[\x00-\x20"\\\x7f-\U0010ffff]')
+
+
+def _hex(match: re.Match) -> str:
+    code = ord(match.group())
+    if code <= 0xFF:
+        return f"\\x{code:02X}"
+    # Only possible outside PATH_INFO (which holds bytes as Latin-1): the UTF-8 bytes.
+    return "".join(f"\\x{b:02X}" for b in match.group().encode("utf-8", "surrogatepass"))
+
+
+def escape(text: str) -> str:
+    """``text`` safe for one field of a text log line (see ``_UNSAFE``)."""
+    if _UNSAFE.search(text) is None:
+        return text
+    return _UNSAFE.sub(_hex, text)
 
 
 def _utc(when: float) -> str:

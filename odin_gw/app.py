@@ -8,12 +8,13 @@ import os
 from flask import Flask, jsonify, request
 from flask.sessions import NullSession, SessionInterface
 
-from .accesslog import configure_logging
+from .accesslog import configure_logging, escape
 from .config import GatewayConfig, load_config
 from .errors import GatewayError
 from .gateway import Gateway
 from .proxy.exchange import Exchange
 from .proxy.forwarder import ProxyResponse
+from .proxy.trust import ForwardingTrust
 
 log = logging.getLogger("odin_gw")
 
@@ -95,12 +96,17 @@ class RequestHooks:
         self.metrics = gateway.metrics
         self.access_log = gateway.access_log
         self.injectors = tuple(gateway.injectors)
+        self.trust = ForwardingTrust(gateway.config.server.trusted_proxies)
 
     def start(self) -> None:
         environ = request.environ
         exchange = Exchange(environ)
         environ[EXCHANGE] = exchange
         environ[GATEWAY] = self.gateway
+        forwarding = self.trust.decide(environ)  # None at once when nothing is trusted
+        if forwarding is not None:
+            exchange.forwarding = forwarding
+            exchange.client_addr = forwarding.client_addr
         for injector in self.injectors:  # mesh headers: trace ids and the like
             injector.request(exchange, environ)
 
@@ -110,10 +116,14 @@ class RequestHooks:
             return response
         if not exchange.status:
             exchange.status = response.status_code
-        if type(response) is not ProxyResponse and "X-Request-Id" not in response.headers:
-            response.headers["X-Request-Id"] = exchange.request_id  # relayed ones have it
-        if not exchange.response_bytes and response.content_length:
-            exchange.response_bytes = response.content_length
+        if type(response) is not ProxyResponse:
+            if "X-Request-Id" not in response.headers:
+                response.headers["X-Request-Id"] = exchange.request_id  # relayed ones have it
+            # The gateway's own answers are whole: their length is what is sent. A relayed
+            # body is counted by the forwarder as it goes out (a streamed one chunk by
+            # chunk), so its Content-Length must not be added here as well.
+            if exchange.method != "HEAD":
+                exchange.response_bytes = response.content_length or 0
         metrics = self.metrics
         access_log = self.access_log
 
@@ -159,5 +169,5 @@ def _unexpected(exc: Exception):
 
     if isinstance(exc, HTTPException):
         return error_response(exc.code or 500, "http_error", exc.description or exc.name)
-    log.exception("unexpected error handling %s %s", request.method, request.path)
+    log.exception("unexpected error handling %s %s", escape(request.method), escape(request.path))
     return error_response(500, "internal_error", "internal gateway error")

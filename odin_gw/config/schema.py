@@ -166,7 +166,7 @@ class LoggingSchema(Section):
 
 class MonitoringSchema(Section):
     enabled = fields.Boolean(load_default=False)
-    path = fields.String(load_default="/metrics", validate=validate.Regexp(r"^/[A-Za-z0-9_./-]*$"))
+    path = fields.String(load_default="/metrics", validate=validate.Regexp(r"/[A-Za-z0-9_./-]*\Z"))
 
     @post_load
     def build(self, data, **kwargs):
@@ -193,8 +193,15 @@ class PassiveHealthSchema(Section):
         return model.PassiveHealthConfig(**data)
 
 
+# "$" would also accept a trailing newline; \Z does not (Regexp uses re.match).
+SERVICE_NAME = validate.Regexp(
+    r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z",
+    error="must start with a letter or digit and hold only letters, digits, '_', '.', '-'",
+)
+
+
 class ServiceSchema(Section):
-    name = fields.String(required=True, validate=validate.Regexp(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"))
+    name = fields.String(required=True, validate=SERVICE_NAME)
     base_path = fields.String(data_key="basePath", required=True)
     targets = fields.List(TargetField(), load_default=list)
     strip_base_path = fields.Boolean(data_key="stripBasePath", load_default=False)
@@ -208,7 +215,10 @@ class ServiceSchema(Section):
     headers = fields.Dict(keys=fields.String(), values=fields.String(), load_default=dict)
     retries = fields.Integer(load_default=1, validate=validate.Range(0, 10))
     preserve_host = fields.Boolean(data_key="preserveHost", load_default=False)
-    mesh_service = fields.String(data_key="meshService", load_default=None, allow_none=True)
+    # Goes into control-plane URLs and DNS names: the same rule as ``name``.
+    mesh_service = fields.String(
+        data_key="meshService", load_default=None, allow_none=True, validate=SERVICE_NAME
+    )
     idle_timeout = Duration(data_key="idleTimeout", load_default=None, allow_none=True)
     ca_file = fields.String(data_key="caFile", load_default=None, allow_none=True)
     passive_health = fields.Nested(
@@ -224,9 +234,20 @@ class ServiceSchema(Section):
                 raise ValidationError(problems, "basePath")
         for name, value in (data.get("headers") or {}).items():
             if not _is_token(name):
-                raise ValidationError(f"{name!r} is not a valid header name", "headers")
+                raise ValidationError(
+                    f"{name!r} is not a valid header name (RFC 9110 token: ASCII letters, "
+                    "digits and !#$%&'*+-.^_`|~)",
+                    "headers",
+                )
             if any(c in value for c in "\r\n\0"):
                 raise ValidationError(f"value of {name} contains CR, LF or NUL", "headers")
+            bad = _bad_value_char(value)
+            if bad is not None:
+                raise ValidationError(
+                    f"value of {name} contains {bad!r}: header values are sent as Latin-1 "
+                    "and must be visible characters, spaces or tabs",
+                    "headers",
+                )
 
     @post_load
     def build(self, data, **kwargs):
@@ -242,7 +263,7 @@ class IstioSchema(Section):
     enable_telemetry = fields.Boolean(data_key="enableTelemetry", load_default=True)
     enable_policy_check = fields.Boolean(data_key="enablePolicyCheck", load_default=False)
     custom_headers = fields.List(
-        fields.String(validate=validate.Regexp(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")),
+        fields.String(validate=validate.Regexp(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")),
         data_key="customHeaders",
         load_default=list,
     )
@@ -375,6 +396,7 @@ class GatewaySchema(Section):
             mesh = model.MeshConfig()
         reserved = model.GatewayConfig(monitoring=monitoring).reserved_paths()
         errors: dict[int, dict[str, list[str]]] = {}
+        shadowed: list[str] = []
 
         def add(i: int, key: str, message: str) -> None:
             errors.setdefault(i, {}).setdefault(key, []).append(message)
@@ -398,14 +420,42 @@ class GatewaySchema(Section):
                 for path in reserved:
                     if base == path or base.startswith(path.rstrip("/") + "/"):
                         add(i, "basePath", f"{base} is under the reserved path {path}")
+                metrics = monitoring.path
+                if monitoring.enabled and (
+                    base == "/" or metrics == base or metrics.startswith(base + "/")
+                ):
+                    # The gateway answers the metrics path itself: the service would
+                    # silently lose it (Flask's rule wins over the catch-all).
+                    shadowed.append(
+                        f"{metrics} is under services[{i}].basePath {base}; move one of them"
+                    )
             if mesh.kind == "none" and not entry.get("targets"):
                 add(i, "targets", "at least one target is needed when serviceMesh is off")
+        problems: dict[str, object] = {}
         if errors:
-            raise ValidationError({"services": errors})
+            problems["services"] = errors
+        if shadowed:
+            problems["monitoring"] = {"path": shadowed}
+        if problems:
+            raise ValidationError(problems)
+
+
+# RFC 9110 section 5.6.2 tchar; str.isalnum() would also accept non-ASCII letters.
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 def _is_token(name: str) -> bool:
-    return bool(name) and all(c.isalnum() or c in "!#$%&'*+-.^_`|~" for c in name)
+    return bool(name) and all(c in _TCHAR for c in name)
+
+
+def _bad_value_char(value: str) -> str | None:
+    """The first character http.client could not send (not Latin-1) or that RFC 9110
+    forbids in a field value (controls other than tab, DEL)."""
+    for c in value:
+        code = ord(c)
+        if code > 0xFF or code == 0x7F or (code < 0x20 and c != "\t"):
+            return c
+    return None
 
 
 def _base_path_problems(base: str) -> list[str]:
@@ -414,6 +464,10 @@ def _base_path_problems(base: str) -> list[str]:
     segments = [s for s in base.split("/") if s]
     if any(s in (".", "..") for s in segments):
         return ["must not contain . or .. segments"]
+    if "%2f" in base.lower():
+        # Routing decodes the request path, so a %2F here could never match as written,
+        # and backends disagree on whether an encoded slash separates segments.
+        return ["must not contain %2F (an encoded slash): write the segments with /"]
     if any(c in base for c in "?#%* \t"):
         return ["must be a plain path (no ?, #, %, * or spaces)"]
     if "//" in base:

@@ -8,6 +8,7 @@ that must never pass through from a client (a spoofed mesh header is a security 
 from __future__ import annotations
 
 import logging
+from collections.abc import MutableMapping
 
 from ..config.model import ConsulConfig
 from ..proxy.exchange import Exchange
@@ -26,8 +27,11 @@ class MeshHeaders:
         """Called once per request in a ``before_request`` hook; may append to
         ``exchange.mesh_headers`` (trace ids, for instance)."""
 
-    def upstream(self, exchange: Exchange, endpoint: Endpoint, headers: dict[str, str]) -> None:
-        """Called for each attempt with the chosen endpoint and the outgoing headers."""
+    def upstream(
+        self, exchange: Exchange, endpoint: Endpoint, headers: MutableMapping[str, str]
+    ) -> None:
+        """Called for each attempt with the chosen endpoint and the outgoing headers
+        (case-insensitive: ``headers[name] = value`` replaces a client's copy in any case)."""
 
 
 class ConsulHeaders(MeshHeaders):
@@ -44,7 +48,9 @@ class ConsulHeaders(MeshHeaders):
         self.local_dc = consul.datacenter
         self.token = consul.token if consul.forward_token else None
 
-    def upstream(self, exchange: Exchange, endpoint: Endpoint, headers: dict[str, str]) -> None:
+    def upstream(
+        self, exchange: Exchange, endpoint: Endpoint, headers: MutableMapping[str, str]
+    ) -> None:
         dc = endpoint.datacenter or self.local_dc
         if dc:
             headers["X-Consul-Datacenter"] = dc

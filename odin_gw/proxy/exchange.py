@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import random
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .trust import Forwarding
 
 # Request ids need uniqueness, not secrecy: a PRNG avoids a getrandom() syscall (and a
 # GIL hand-off) per request that uuid.uuid4() would make.
@@ -18,8 +22,10 @@ class Exchange:
     """Created by the first ``before_request`` hook; read by the access log and metrics."""
 
     __slots__ = (
+        "client_addr",
         "datacenter",
         "error_kind",
+        "forwarding",
         "mesh_headers",
         "method",
         "path",
@@ -36,6 +42,11 @@ class Exchange:
         self.request_id = inbound_request_id(environ.get("HTTP_X_REQUEST_ID"))
         self.method = environ.get("REQUEST_METHOD", "GET")
         self.path = environ.get("PATH_INFO", "/")
+        # The client as decided by server.trustedProxies (see proxy/trust.py): the peer
+        # unless a trusted proxy named another. Rate limits and the access log use it.
+        self.client_addr: str = environ.get("REMOTE_ADDR") or ""
+        # What a trusted proxy said about the request (None: the peer is not trusted).
+        self.forwarding: Forwarding | None = None
         self.service: str | None = None
         self.target: str | None = None
         self.datacenter: str | None = None

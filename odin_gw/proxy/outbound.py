@@ -10,23 +10,34 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from ..errors import BadRequest, ClientDisconnected
+from ..errors import BadRequest, ClientDisconnected, GatewayError
 from ..routing import Route
 from .exchange import Exchange
-from .headers import upstream_headers
+from .headers import UNTRUSTED_ONLY, OutboundHeaders, upstream_headers
 
 CHUNK = 64 * 1024
 # Bodies up to this size are read whole: cheaper than streaming, and replayable on retry.
 SMALL_BODY = 64 * 1024
 
 
+class UnsupportedTransferEncoding(GatewayError):
+    """The request body uses a transfer coding other than ``chunked`` alone."""
+
+    status = 501
+    code = "unsupported_transfer_encoding"
+
+
 @dataclass(slots=True)
 class Outbound:
-    """One request as it will be sent upstream (``Host`` is set per endpoint)."""
+    """One request as it will be sent upstream (``Host`` is set per endpoint).
+
+    ``headers`` is case-insensitive: whoever sets a name later (service headers, mesh
+    injectors, ``Host``) replaces the client's copy whatever its spelling.
+    """
 
     method: str
     url: str
-    headers: dict[str, str]
+    headers: OutboundHeaders
     body: object
     chunked: bool
     replayable: bool
@@ -38,27 +49,42 @@ class OutboundBuilder:
 
     def __init__(self, strip: frozenset[str], strip_prefixes: tuple[str, ...]) -> None:
         self.strip = strip
+        # Forwarding headers only a trusted proxy may send are dropped from anyone else.
+        self.strip_untrusted = strip | UNTRUSTED_ONLY
         self.strip_prefixes = strip_prefixes
 
     def build(self, environ: dict, route: Route, exchange: Exchange) -> Outbound:
-        headers = upstream_headers(environ, self.strip, self.strip_prefixes)
+        forwarding = exchange.forwarding
+        strip = self.strip if forwarding is not None else self.strip_untrusted
+        headers = upstream_headers(environ, strip, self.strip_prefixes)
         body, chunked, replayable = _body(environ, headers)
-        _forwarded(environ, route, headers)
+        _forwarded(environ, route, headers, exchange)
         for name, value in route.headers:
             headers[name] = value
         for name, value in exchange.mesh_headers:
             headers[name] = value
         headers["X-Request-Id"] = exchange.request_id
-        url = route.upstream_path(_raw_path(environ))
+        url = route.upstream_path(raw_path(environ))
         query = environ.get("QUERY_STRING")
         if query:
             url = f"{url}?{query}"
         return Outbound(environ["REQUEST_METHOD"], url, headers, body, chunked, replayable)
 
 
-def _body(environ: dict, headers: dict[str, str]):
+def _body(environ: dict, headers: OutboundHeaders):
     """(body, chunked, replayable) for the upstream request."""
     stream = environ["wsgi.input"]
+    coding = environ.get("HTTP_TRANSFER_ENCODING")
+    if coding is not None:
+        # nginx answers 501 to any Transfer-Encoding but exactly "chunked" (any case):
+        # a stacked coding ("gzip, chunked") would reach the backend decoded by one layer
+        # and labelled by none. gunicorn itself refuses "identity" alone and a repeated
+        # "chunked" (400) and unknown codings (501) before the app runs.
+        if coding.strip().lower() != "chunked":
+            raise UnsupportedTransferEncoding(
+                f"Transfer-Encoding {coding!r} is not supported; only chunked is"
+            )
+        return _until_eof(stream), True, False
     length = environ.get("CONTENT_LENGTH")
     if length:
         try:
@@ -76,26 +102,41 @@ def _body(environ: dict, headers: dict[str, str]):
                 )
             return data, False, True
         return _fixed_length(stream, size), False, False
-    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        return _until_eof(stream), True, False
     return None, False, True
 
 
-def _forwarded(environ: dict, route: Route, headers: dict[str, str]) -> None:
-    remote = environ.get("REMOTE_ADDR", "")
-    prior = environ.get("HTTP_X_FORWARDED_FOR")
-    headers["X-Forwarded-For"] = f"{prior}, {remote}" if prior else remote
-    headers["X-Forwarded-Proto"] = environ.get("wsgi.url_scheme", "http")
+def _forwarded(environ: dict, route: Route, headers: OutboundHeaders, exchange: Exchange) -> None:
+    """The gateway's own forwarding headers (the client's copies were dropped).
+
+    From an untrusted peer: ``X-Forwarded-For`` is the peer alone, scheme and host are the
+    connection's. From a trusted proxy (``exchange.forwarding``): the peer is appended to
+    its ``X-Forwarded-For`` and its scheme and host are believed.
+    """
     host = environ.get("HTTP_HOST")
-    if host:
-        headers["X-Forwarded-Host"] = host
-        if route.preserve_host:
-            headers["Host"] = host
+    forwarding = exchange.forwarding
+    if forwarding is None:
+        headers["X-Forwarded-For"] = exchange.client_addr
+        headers["X-Forwarded-Proto"] = environ.get("wsgi.url_scheme", "http")
+        forwarded_host = host
+    else:
+        headers["X-Forwarded-For"] = forwarding.x_forwarded_for
+        headers["X-Forwarded-Proto"] = forwarding.proto or environ.get("wsgi.url_scheme", "http")
+        forwarded_host = forwarding.host or host
+    headers["X-Real-IP"] = exchange.client_addr
+    if forwarded_host:
+        headers["X-Forwarded-Host"] = forwarded_host
+    if host and route.preserve_host:
+        headers["Host"] = host
     if route.strip_base_path and route.base_path != "/":
         headers["X-Forwarded-Prefix"] = route.base_path
 
 
-def _raw_path(environ: dict) -> str:
+def raw_path(environ: dict) -> str:
+    """The request target's path exactly as received (percent-encoding kept, no query).
+
+    The blueprint routes on this path (decoded) and the upstream request carries it, so
+    routing and forwarding can never disagree about which path was asked for.
+    """
     raw = environ.get("RAW_URI")
     if raw:
         if raw[0] != "/":  # absolute-form request target: keep the path only

@@ -85,7 +85,9 @@ def test_host_and_forwarded_headers(gw, upstream):
     seen = requests.get(gw.url + "/api/users/1", headers={"X-Forwarded-For": "1.2.3.4"}).json()
     h = dict(seen["headers"])
     assert h["Host"] == f"127.0.0.1:{upstream.port}"
-    assert h["X-Forwarded-For"] == "1.2.3.4, 127.0.0.1"
+    # No server.trustedProxies: the client's X-Forwarded-For is replaced, not appended to.
+    assert h["X-Forwarded-For"] == "127.0.0.1"
+    assert h["X-Real-IP"] == "127.0.0.1"
     assert h["X-Forwarded-Proto"] == "http"
     assert h["X-Forwarded-Host"] == f"127.0.0.1:{gw.port}"
     kept = requests.get(gw.url + "/keep/1", headers={"Host": "public.example"}).json()

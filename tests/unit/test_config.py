@@ -213,3 +213,126 @@ def test_missing_file():
     with pytest.raises(ConfigError) as info:
         load_config("/nonexistent/odin.yaml")
     assert "cannot read /nonexistent/odin.yaml" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        (
+            "headers: {'X-Ä': v}",
+            "services[0].headers: 'X-Ä' is not a valid header name",
+        ),
+        (
+            "headers: {'X-\u0661': v}",  # an Arabic-Indic digit: str.isalnum() says yes
+            "services[0].headers: 'X-\u0661' is not a valid header name",
+        ),
+        (
+            "headers: {X-Price: '10 €'}",
+            "services[0].headers: value of X-Price contains '€': header values are sent as Latin-1",
+        ),
+        (
+            'headers: {X-Ctl: "a\\x01b"}',
+            "services[0].headers: value of X-Ctl contains '\\x01'",
+        ),
+        (
+            'headers: {X-Nl: "a\\nb"}',
+            "services[0].headers: value of X-Nl contains CR, LF or NUL",
+        ),
+        (
+            "meshService: 'users/../admin'",
+            "services[0].meshService: must start with a letter or digit",
+        ),
+        (
+            "meshService: '-users'",
+            "services[0].meshService: must start with a letter or digit",
+        ),
+        (
+            'meshService: "users\\n"',  # "$" in a regexp would let a trailing newline in
+            "services[0].meshService: must start with a letter or digit",
+        ),
+    ],
+)
+def test_service_header_and_mesh_service_rules(entry, expected):
+    text = f"services:\n - {{name: a, basePath: /a, targets: ['http://h:1'], {entry}}}\n"
+    found = problems(text)
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_latin1_header_value_and_mesh_service_load():
+    cfg = parse_config(
+        "services:\n - {name: a, basePath: /a, targets: ['http://h:1'], meshService: users.v2,"
+        " headers: {X-Name: 'café', X-Tab: \"a\\tb\"}}\n",
+        env={},
+    )
+    assert cfg.services[0].headers == (("X-Name", "café"), ("X-Tab", "a\tb"))
+    assert cfg.services[0].mesh_service == "users.v2"
+
+
+def test_name_with_trailing_newline_refused():
+    found = problems("services:\n - {name: \"a\\n\", basePath: /a, targets: ['http://h:1']}\n")
+    assert any(p.startswith("services[0].name: must start with a letter or digit") for p in found)
+
+
+@pytest.mark.parametrize(
+    ("monitoring", "base", "expected"),
+    [
+        ("/met/rics", "/", "monitoring.path: /met/rics is under services[0].basePath /"),
+        ("/met/rics", "/met", "monitoring.path: /met/rics is under services[0].basePath /met"),
+        (
+            "/api/metrics",
+            "/api",
+            "monitoring.path: /api/metrics is under services[0].basePath /api",
+        ),
+        ("/api", "/api/", "monitoring.path: /api is under services[0].basePath /api"),
+    ],
+)
+def test_monitoring_path_under_a_service_refused(monitoring, base, expected):
+    found = problems(
+        f"monitoring: {{enabled: true, path: {monitoring}}}\n"
+        f"services:\n - {{name: a, basePath: {base}, targets: ['http://h:1']}}\n"
+    )
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_monitoring_path_beside_a_service_loads():
+    for base in ("/metrics2", "/me", "/api/metricsx"):
+        parse_config(
+            "monitoring: {enabled: true, path: /api/metrics}\n"
+            f"services:\n - {{name: a, basePath: {base}, targets: ['http://h:1']}}\n",
+            env={},
+        )
+    # Not served when disabled: a service may own the path (a root service, typically).
+    parse_config(
+        "monitoring: {enabled: false}\nservices:\n - {name: a, basePath: /, targets: ['http://h:1']}\n",
+        env={},
+    )
+
+
+@pytest.mark.parametrize("base", ["/api%2Fv1", "/api%2fv1", "/a/b%2F"])
+def test_encoded_slash_in_base_path_refused(base):
+    found = problems(f"services:\n - {{name: a, basePath: '{base}', targets: ['http://h:1']}}\n")
+    assert (
+        "services[0].basePath: must not contain %2F (an encoded slash): write the segments with /"
+        in found
+    )
+
+
+def test_other_percent_in_base_path_still_refused():
+    found = problems("services:\n - {name: a, basePath: '/api%41', targets: ['http://h:1']}\n")
+    assert "services[0].basePath: must be a plain path (no ?, #, %, * or spaces)" in found
+
+
+def test_monitoring_path_with_trailing_newline_refused():
+    found = problems('monitoring: {path: "/metrics\\n"}\n')
+    assert any(p.startswith("monitoring.path:") for p in found)
+
+
+def test_trusted_proxies_parsed():
+    cfg = parse_config("server: {trustedProxies: [10.0.0.0/8, '::1', 192.168.1.7]}\n", env={})
+    assert [str(n) for n in cfg.server.trusted_proxies] == [
+        "10.0.0.0/8",
+        "::1/128",
+        "192.168.1.7/32",
+    ]
+    found = problems("server: {trustedProxies: [nonsense]}\n")
+    assert "server.trustedProxies[0]: not a CIDR or address: 'nonsense'" in found

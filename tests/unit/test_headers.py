@@ -1,4 +1,23 @@
-from odin_gw.proxy.headers import header_name, response_headers, upstream_headers
+import io
+import ipaddress
+
+import pytest
+
+from odin_gw.config.model import ConsulConfig, GatewayConfig, ServiceConfig
+from odin_gw.config.schema import parse_target
+from odin_gw.mesh.headers import ConsulHeaders
+from odin_gw.mesh.snapshot import Endpoint
+from odin_gw.proxy.blueprint import unsafe_path
+from odin_gw.proxy.exchange import Exchange
+from odin_gw.proxy.headers import (
+    OutboundHeaders,
+    header_name,
+    response_headers,
+    upstream_headers,
+)
+from odin_gw.proxy.outbound import OutboundBuilder, UnsupportedTransferEncoding, raw_path
+from odin_gw.proxy.trust import ForwardingTrust
+from odin_gw.routing import Route
 
 
 def environ(**headers):
@@ -63,3 +82,153 @@ def test_response_headers_keep_repeats_and_drop_hop_by_hop():
         ("Set-Cookie", "b=2"),
         ("Content-Type", "text/plain"),
     ]
+
+
+# -- the outbound header map and request builder -------------------------------------
+
+
+def test_outbound_headers_are_case_insensitive_and_keep_last_spelling():
+    h = OutboundHeaders()
+    h["X-Api-Key"] = "attacker"
+    h["X-API-Key"] = "secret"
+    assert list(h.items()) == [("X-API-Key", "secret")]
+    assert h["x-api-key"] == "secret" and "X-API-KEY" in h and len(h) == 1
+    assert list(h) == ["X-API-Key"] and dict(h) == {"X-API-Key": "secret"}
+    assert h == {"x-api-key": "secret"}
+    del h["X-API-KEY"]
+    assert not h and h.get("X-Api-Key") is None
+
+
+def route(**extra) -> Route:
+    svc = ServiceConfig(name="a", base_path="/a", targets=(parse_target("http://h:1"),), **extra)
+    return Route.from_config(svc, GatewayConfig())
+
+
+def request_env(raw: str = "/a/x", **headers) -> dict:
+    env = environ(**headers)
+    env.update(
+        {
+            "RAW_URI": raw,
+            "PATH_INFO": raw.split("?")[0],
+            "wsgi.input": io.BytesIO(b""),
+            "wsgi.url_scheme": "http",
+        }
+    )
+    return env
+
+
+def build(env, r=None, mesh=(), trusted=()):
+    exchange = Exchange(env)
+    exchange.mesh_headers = list(mesh)
+    forwarding = ForwardingTrust(ipaddress.ip_network(c) for c in trusted).decide(env)
+    if forwarding is not None:
+        exchange.forwarding = forwarding
+        exchange.client_addr = forwarding.client_addr
+    builder = OutboundBuilder(frozenset({"HTTP_X_CONSUL_TOKEN"}), ("HTTP_L5D_",))
+    return builder.build(env, r or route(), exchange), exchange
+
+
+def test_service_and_mesh_headers_replace_client_copies_in_any_case():
+    env = request_env(x_api_key="attacker", x_b3_traceid="client")
+    r = route(headers=(("X-API-Key", "secret"),))
+    out, _ = build(env, r, mesh=[("X-B3-TraceId", "gateway")])
+    items = [(k, v) for k, v in out.headers.items() if k.lower() in ("x-api-key", "x-b3-traceid")]
+    assert sorted(items) == [("X-API-Key", "secret"), ("X-B3-TraceId", "gateway")]
+
+
+def test_mesh_injector_replaces_client_copy_in_any_case():
+    env = request_env(x_consul_datacenter="evil")
+    out, exchange = build(env)
+    env_only = OutboundHeaders()
+    env_only["x-consul-datacenter"] = "evil"  # as if a client spelling had slipped in
+    for headers in (out.headers, env_only):
+        ConsulHeaders(ConsulConfig(datacenter="dc1")).upstream(
+            exchange, Endpoint(address="h", port=1), headers
+        )
+        assert [v for k, v in headers.items() if k.lower() == "x-consul-datacenter"] == ["dc1"]
+
+
+def test_untrusted_peer_forwarding_headers_replaced_or_dropped():
+    env = request_env(
+        x_forwarded_for="6.6.6.6",
+        x_real_ip="6.6.6.6",
+        forwarded="for=6.6.6.6",
+        x_forwarded_client_cert="Hash=1",
+        x_forwarded_ssl="on",
+        x_forwarded_port="443",
+        x_forwarded_proto="https",
+        host="gw",
+    )
+    out, _ = build(env)
+    h = dict(out.headers)
+    assert h["X-Forwarded-For"] == "10.0.0.1" and h["X-Real-IP"] == "10.0.0.1"
+    assert h["X-Forwarded-Proto"] == "http" and h["X-Forwarded-Host"] == "gw"
+    for gone in ("Forwarded", "X-Forwarded-Client-Cert", "X-Forwarded-Ssl", "X-Forwarded-Port"):
+        assert gone not in out.headers
+
+
+def test_trusted_peer_forwarding_headers_believed_and_appended():
+    env = request_env(
+        x_forwarded_for="1.2.3.4",
+        x_forwarded_proto="https",
+        x_forwarded_host="public.example",
+        x_forwarded_client_cert="Hash=1",
+        host="gw",
+    )
+    out, exchange = build(env, trusted=["10.0.0.0/8"])
+    h = dict(out.headers)
+    assert exchange.client_addr == "1.2.3.4"
+    assert h["X-Forwarded-For"] == "1.2.3.4, 10.0.0.1" and h["X-Real-IP"] == "1.2.3.4"
+    assert h["X-Forwarded-Proto"] == "https" and h["X-Forwarded-Host"] == "public.example"
+    assert h["X-Forwarded-Client-Cert"] == "Hash=1"
+
+
+@pytest.mark.parametrize("coding", ["gzip, chunked", "identity,chunked", "chunked, chunked", ""])
+def test_transfer_encoding_other_than_chunked_is_501(coding):
+    env = request_env(transfer_encoding=coding)
+    with pytest.raises(UnsupportedTransferEncoding) as info:
+        build(env)
+    assert info.value.status == 501
+
+
+@pytest.mark.parametrize("coding", ["chunked", "Chunked", " CHUNKED "])
+def test_chunked_alone_streams(coding):
+    out, _ = build(request_env(transfer_encoding=coding))
+    assert out.chunked and not out.replayable
+
+
+@pytest.mark.parametrize(
+    ("raw", "path"),
+    [
+        ("/a/x?q=1", "/a/x"),
+        ("/a/%2e%2E/x", "/a/%2e%2E/x"),
+        ("http://h.example/a/x?y", "/a/x"),
+        ("http://h.example", "/"),
+    ],
+)
+def test_raw_path_is_the_target_as_received(raw, path):
+    assert raw_path({"RAW_URI": raw}) == path
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/a/..",
+        "/a/./b",
+        "/a/..;/b",
+        "/a/..;x=1/b",
+        "/a/.;/b",
+        "/a/..\\b",
+        "/a/b\\..\\c",
+        "/a/b\\.",
+    ],
+)
+def test_unsafe_paths(path):
+    assert unsafe_path(path)
+
+
+@pytest.mark.parametrize(
+    "path", ["/a/b", "/a/.well-known", "/a/...", "/a/b..", "/a/x;y", "/a/.x;..", "/"]
+)
+def test_safe_paths(path):
+    assert not unsafe_path(path)
