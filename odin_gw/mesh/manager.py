@@ -138,8 +138,10 @@ class MeshManager:
             id="sync",
             next_run_time=datetime.now(UTC),
         )
-        sched.start()
+        # Assigned before start: the first sync runs at once and, as leader, adds its
+        # discovery job to this scheduler (a slow machine ran it before the assignment).
         self._scheduler = sched
+        sched.start()
 
     def stop(self) -> None:
         self._stop.set()
