@@ -79,8 +79,14 @@ class UpstreamIdentityError(UpstreamTlsError):
     code = "upstream_identity_mismatch"
 
 
+class UpstreamProtocolError(UpstreamError):
+    """The target's answer head breaks HTTP framing or header rules; nothing is relayed."""
+
+    code = "upstream_protocol_error"
+
+
 class UpstreamTimeout(UpstreamError):
-    """The target did not connect or answer within the route's timeout."""
+    """The target did not connect or send its answer head within the route's timeout."""
 
     status = 504
     code = "upstream_timeout"

@@ -14,11 +14,17 @@ from .balancer import Balancer, make_balancer
 from .config.model import GatewayConfig, ServiceConfig
 from .mesh.snapshot import Endpoint, ServiceEndpoints
 from .passive_health import PassiveHealth
+from .proxy.retry import RetryPolicy
 
 
 @dataclass(frozen=True, eq=False)
 class Route:
-    """A service reachable under ``base_path``, with its forwarding policy."""
+    """A service reachable under ``base_path``, with its forwarding policy.
+
+    ``timeout.read_timeout`` (the service's ``timeout``) is a deadline for the upstream's
+    answer head, shared by every attempt of a request; ``idle_timeout`` (``idleTimeout``,
+    default: the same) bounds each silence while a body streams either way.
+    """
 
     name: str
     base_path: str
@@ -32,6 +38,8 @@ class Route:
     balancer: Balancer
     health: PassiveHealth
     base_depth: int = field(default=0)
+    idle_timeout: float = 0.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     @classmethod
     def from_config(cls, svc: ServiceConfig, gateway: GatewayConfig) -> Route:
@@ -47,6 +55,8 @@ class Route:
                     scheme=t.scheme,
                     weight=t.weight,
                     host_header=_authority(t.url),
+                    static=True,
+                    ca_file=svc.ca_file,
                 )
                 for t in svc.targets
             ),
@@ -64,6 +74,8 @@ class Route:
             balancer=make_balancer(svc.load_balancing),
             health=PassiveHealth(svc.passive_health),
             base_depth=0 if svc.base_path == "/" else svc.base_path.count("/"),
+            idle_timeout=svc.idle_timeout or read,
+            retry=RetryPolicy(others=svc.retries),
         )
 
     def upstream_path(self, raw_path: str) -> str:

@@ -21,6 +21,13 @@ class Endpoint:
     ``identity`` is the SPIFFE ID the instance must present when reached over mesh mTLS
     (``None``: plain HTTP, or TLS checked against the CA only). ``host_header`` is what the
     ``Host`` header should say when the route does not preserve the client's.
+
+    ``static`` marks a target from the config (never from discovery): over ``https`` it
+    is verified like any public server, against the system CAs or ``ca_file``, with its
+    hostname checked, and never gets the mesh client certificate. Neither field is part
+    of the JSON form: snapshots only ever hold discovered (mesh) endpoints.
+    ``pool_key`` says which connections may serve it (scheme, address, port, identity,
+    and the CA of a static TLS target).
     """
 
     address: str
@@ -34,12 +41,20 @@ class Endpoint:
     node: str | None = None
     service_id: str | None = None
     status: str = "passing"
+    static: bool = False
+    ca_file: str | None = None
     key: str = field(default="", compare=False)
+    pool_key: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.key:
             ident = f"#{self.identity}" if self.identity else ""
             object.__setattr__(self, "key", f"{self.scheme}://{self.address}:{self.port}{ident}")
+        if not self.pool_key:
+            pool_key = self.key
+            if self.static and self.scheme == "https":
+                pool_key = f"{pool_key}|static|{self.ca_file or ''}"
+            object.__setattr__(self, "pool_key", pool_key)
         if not self.host_header:
             host = f"[{self.address}]" if ":" in self.address else self.address
             default = 443 if self.scheme == "https" else 80

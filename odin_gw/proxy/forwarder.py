@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import http.client
 import logging
 import socket
 import ssl
 import struct
 import weakref
 from collections.abc import Iterator
+from time import monotonic
 
 from flask import Response  # Flask's own class: anything else is converted per request
 from urllib3.exceptions import (
@@ -20,10 +20,10 @@ from urllib3.exceptions import (
 )
 
 from ..errors import (
-    ClientDisconnected,
     NoHealthyTarget,
     UpstreamError,
     UpstreamIdentityError,
+    UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamTlsError,
     UpstreamUnreachable,
@@ -34,11 +34,20 @@ from ..routing import Route
 from .exchange import Exchange
 from .headers import response_headers
 from .outbound import CHUNK, OutboundBuilder
-from .transport import ConnectFailed, StaleConnection, open_response
+from .retry import Failure, RetryPolicy
+from .transport import (
+    ConnectFailed,
+    HeadTimeout,
+    InvalidResponse,
+    StaleConnection,
+    TransportError,
+    open_response,
+    relay_headers,
+    release,
+)
 
 log = logging.getLogger("odin_gw.proxy")
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Upstream bodies up to this size are read whole before the answer starts.
 SMALL_BODY = 64 * 1024
 NO_BODY_STATUS = frozenset({204, 304})
@@ -47,7 +56,7 @@ NO_BODY_STATUS = frozenset({204, 304})
 class ProxyResponse(Response):
     """A response that adds nothing of its own: no default content type, length as sent.
 
-    Its headers are the upstream's, already parsed and checked by http.client, so they
+    Its headers are the upstream's, already parsed and checked by the transport, so they
     are handed over as they are instead of being re-validated one by one, and sent as
     they are instead of being copied and "fixed" for the environ (werkzeug's
     ``get_wsgi_headers``).
@@ -59,8 +68,7 @@ class ProxyResponse(Response):
     @classmethod
     def relay(cls, body, status: int, header_list: list[tuple[str, str]]) -> ProxyResponse:
         response = cls(body, status=status)
-        # werkzeug's Headers is a thin wrapper around exactly such a list.
-        response.headers._list = header_list
+        relay_headers(response.headers, header_list)
         return response
 
     def get_wsgi_headers(self, environ):
@@ -68,18 +76,18 @@ class ProxyResponse(Response):
 
 
 class UpstreamBody:
-    """Streams an upstream body to the client; returns the connection on ``close``.
+    """Streams an upstream body to the client; gives the connection back on ``close``.
 
-    A body read to its end puts the connection back in the pool; one abandoned halfway
-    (the client went away) closes it, because unread bytes would poison the next request.
+    A body read to its end returns the connection to the pool; one abandoned halfway
+    (the client went away, the upstream stalled) closes it, because unread bytes would
+    poison the next request. ``finish`` (the balancer's accounting) runs exactly once.
     """
 
-    __slots__ = ("_done", "_finish", "_resp", "exchange")
+    __slots__ = ("_finish", "_resp", "exchange")
 
     def __init__(self, resp, exchange: Exchange, finish) -> None:
         self._resp = resp
         self._finish = finish
-        self._done = False
         self.exchange = exchange
 
     def __iter__(self) -> Iterator[bytes]:
@@ -88,26 +96,31 @@ class UpstreamBody:
             for chunk in self._resp.stream(CHUNK, decode_content=False):
                 exchange.response_bytes += len(chunk)
                 yield chunk
-        except (ReadTimeoutError, ProtocolError, OSError) as exc:
+        except (ReadTimeoutError, ProtocolError, SSLError, OSError) as exc:
             # Headers are gone already: all we can do is cut the body short.
             exchange.error_kind = "body_interrupted"
-            log.warning("upstream body interrupted: %s", exc)
+            log.warning(
+                "upstream %s body interrupted: %s (request %s)",
+                exchange.target,
+                _reason(exc),
+                exchange.request_id,
+            )
             raise
-        self._done = True
 
     def close(self) -> None:
-        resp = self._resp
-        if not self._done:
-            resp.close()
-        resp.release_conn()
-        self._finish()
+        release(self._resp)
+        finish = self._finish
+        if finish is not None:
+            self._finish = None
+            finish()
 
 
 class Forwarder:
     """Sends requests upstream through the session's adapter pools.
 
     ``gateway.candidates(route)`` gives a route's current endpoints; the gateway's mesh
-    header injectors (see :mod:`odin_gw.mesh.headers`) decide what is stripped and added.
+    header injectors (see :mod:`odin_gw.mesh.headers`) decide what is stripped and added;
+    the route's :class:`~.retry.RetryPolicy` decides which failures are tried again.
     """
 
     def __init__(self, gateway) -> None:
@@ -138,116 +151,153 @@ class Forwarder:
             pass  # not a kernel socket (e.g. a TLS wrapper in a test server)
 
     def forward(self, environ: dict, route: Route, exchange: Exchange) -> Response:
-        """Forward the request in ``environ`` along ``route``; raises ``GatewayError``."""
+        """Forward the request in ``environ`` along ``route``; raises ``GatewayError``.
+
+        The route's timeout is one deadline for the answer head, shared by every attempt
+        (Envoy's route timeout covers its retries the same way).
+        """
         client_sock = environ.get("gunicorn.socket")
         if client_sock is not None:
             self._bound_client_io(client_sock)
         out = self.outbound.build(environ, route, exchange)
         method, url, headers = out.method, out.url, out.headers
         body, chunked, replayable = out.body, out.chunked, out.replayable
+        timeout = route.timeout.read_timeout
+        deadline = monotonic() + timeout
 
-        candidates = self.gateway.candidates(route)
-        retry_ok = replayable and method in IDEMPOTENT
-        attempts = 1 + route.retries if retry_ok else 1
-        tried: list[str] = []
-        last_error: UpstreamError | None = None
+        gateway = self.gateway
+        candidates = gateway.candidates(route)
+        session = gateway.session
         balancer = route.balancer
         health = route.health
-        adapter = self.gateway.session.adapter
-        stale_retry = retry_ok
+        policy: RetryPolicy | None = route.retry
+        tried: list[str] = []
+        error: UpstreamError | None = None
         endpoint: Endpoint | None = None
+        fresh = False  # after a stale keep-alive: a new connection, not another pooled one
         while True:
-            if endpoint is None:  # else: a stale keep-alive connection, same endpoint again
-                if attempts == 0:
-                    break
+            if endpoint is None:
                 endpoint = balancer.pick(candidates, tried, health.available)
                 if endpoint is None:
                     break
                 tried.append(endpoint.key)
-                attempts -= 1
             exchange.target = endpoint.key
             exchange.datacenter = endpoint.datacenter
             if not route.preserve_host:
                 headers["Host"] = endpoint.host_header
-            for inj in self.gateway.injectors:
+            for inj in gateway.injectors:
                 inj.upstream(exchange, endpoint, headers)
             balancer.started(endpoint)
             try:
                 resp = open_response(
-                    adapter.pool_for(endpoint), method, url, body, headers, chunked, route.timeout
+                    session,
+                    endpoint,
+                    method,
+                    url,
+                    body,
+                    headers,
+                    chunked,
+                    deadline,
+                    timeout,
+                    route.timeout.connect_timeout,
+                    route.idle_timeout,
+                    fresh,
                 )
-            except ConnectFailed as exc:
+            except TransportError as exc:
                 balancer.finished(endpoint)
-                health.failed(endpoint.key)
-                last_error = _connect_error(exc.__cause__ or exc, endpoint, route.name)
-                exchange.error_kind = last_error.code
-                log.warning("%s (request %s)", last_error.message, exchange.request_id)
-                endpoint = None
+                error = _upstream_error(exc, endpoint, route)
+                if exc.failure is Failure.CONNECT:
+                    health.failed(endpoint.key)
+                policy = policy.after(exc.failure, method, replayable)
+                if policy is None or exc.failure is not Failure.STALE:
+                    # A stale keep-alive retried is routine, not an upstream error.
+                    exchange.error_kind = error.code
+                log.warning(
+                    "%s (request %s%s)",
+                    error.message,
+                    exchange.request_id,
+                    "; retrying" if policy is not None else "",
+                )
+                if policy is None:
+                    raise error from exc
+                fresh = policy.same_endpoint(exc.failure)
+                if not fresh:
+                    endpoint = None
                 continue
-            except StaleConnection:
+            except BaseException as exc:
                 balancer.finished(endpoint)
-                if stale_retry:  # same endpoint, fresh connection; once per request
-                    stale_retry = False
-                    continue
-                last_error = UpstreamError(
-                    f"{route.name}: upstream {endpoint.key} closed the connection",
-                    target=endpoint.key,
-                )
-                break
-            except ClientDisconnected:
-                balancer.finished(endpoint)
-                exchange.error_kind = ClientDisconnected.code
+                exchange.error_kind = getattr(exc, "code", None) or "internal_error"
                 raise
-            except TimeoutError as exc:
-                balancer.finished(endpoint)
-                exchange.error_kind = UpstreamTimeout.code
-                raise UpstreamTimeout(
-                    f"{route.name}: upstream {endpoint.key} did not answer within "
-                    f"{route.timeout.read_timeout:g}s",
-                    target=endpoint.key,
-                ) from exc
-            except (OSError, http.client.HTTPException, ProtocolError) as exc:
-                balancer.finished(endpoint)
-                last_error = UpstreamError(
-                    f"{route.name}: upstream {endpoint.key} failed mid-request: {_reason(exc)}",
-                    target=endpoint.key,
-                )
-                exchange.error_kind = "upstream_reset"
-                log.warning("%s (request %s)", last_error.message, exchange.request_id)
-                endpoint = None
-                continue
             health.succeeded(endpoint.key)
-            return self._respond(resp, method, exchange, lambda e=endpoint: balancer.finished(e))
-        if last_error is not None:
-            raise last_error
+            finish = _Finish(balancer, endpoint)
+            try:
+                return self._respond(resp, method, exchange, finish)
+            except BaseException:
+                release(resp)  # both idempotent: whatever _respond did already stands
+                finish()
+                raise
+        if error is not None:
+            raise error
+        exchange.error_kind = NoHealthyTarget.code
         raise NoHealthyTarget(f"{route.name}: no healthy target", service=route.name)
 
     @staticmethod
     def _respond(resp, method: str, exchange: Exchange, finish) -> Response:
         status = resp.status
         exchange.status = status
-        headers = response_headers(resp.headers.iteritems())
+        upstream = resp.headers
+        if "X-Request-Id" in upstream:
+            upstream.discard("X-Request-Id")  # the gateway's request id is the one relayed
+        headers = response_headers(upstream.iteritems())
         headers.append(("X-Request-Id", exchange.request_id))
-        if method == "HEAD" or status in NO_BODY_STATUS or status < 200:
-            resp.release_conn()
-            finish()
+        if method == "HEAD" or status in NO_BODY_STATUS:
+            try:
+                resp.read(decode_content=False)  # no I/O: marks the answer complete
+            finally:
+                release(resp)
+                finish()
             return ProxyResponse.relay((), status, headers)
-        length = resp.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) <= SMALL_BODY:
+        length = resp.length_remaining
+        if length is not None and length <= SMALL_BODY:
             try:
                 data = resp.read(decode_content=False)
-            except (ReadTimeoutError, ProtocolError) as exc:
-                resp.close()
-                resp.release_conn()
+            except (ReadTimeoutError, ProtocolError, SSLError, OSError) as exc:
+                timed_out = isinstance(exc, ReadTimeoutError)
+                exchange.error_kind = UpstreamTimeout.code if timed_out else "body_interrupted"
+                target = exchange.target
+                if timed_out:
+                    error: UpstreamError = UpstreamTimeout(
+                        f"upstream {target} went silent sending its body", target=target
+                    )
+                else:
+                    error = UpstreamError(
+                        f"upstream {target} body cut short: {_reason(exc)}", target=target
+                    )
+                log.warning("%s (request %s)", error.message, exchange.request_id)
+                raise error from exc
+            finally:
+                release(resp)
                 finish()
-                if isinstance(exc, ReadTimeoutError):
-                    raise UpstreamTimeout("upstream did not send its body in time") from exc
-                raise UpstreamError(f"upstream body cut short: {_reason(exc)}") from exc
-            resp.release_conn()
-            finish()
             exchange.response_bytes = len(data)
             return ProxyResponse.relay([data], status, headers)
         return ProxyResponse.relay(UpstreamBody(resp, exchange, finish), status, headers)
+
+
+class _Finish:
+    """Ends one attempt's balancer accounting (``least-request`` in-flight counts) once,
+    however many release paths call it."""
+
+    __slots__ = ("balancer", "endpoint")
+
+    def __init__(self, balancer, endpoint: Endpoint) -> None:
+        self.balancer = balancer
+        self.endpoint: Endpoint | None = endpoint
+
+    def __call__(self) -> None:
+        endpoint = self.endpoint
+        if endpoint is not None:
+            self.endpoint = None
+            self.balancer.finished(endpoint)
 
 
 def _timeval(seconds: float) -> bytes:
@@ -263,18 +313,32 @@ def _reason(exc: BaseException) -> str:
     return text
 
 
-def _connect_error(cause: BaseException, endpoint: Endpoint, service: str) -> UpstreamError:
-    where = f"{service}: upstream {endpoint.address}:{endpoint.port}"
+def _upstream_error(exc: TransportError, endpoint: Endpoint, route: Route) -> UpstreamError:
+    """The gateway error for a failed attempt (the one raised if it is not retried)."""
     target = endpoint.key
-    if isinstance(cause, PeerIdentityError):
-        return UpstreamIdentityError(
-            f"{where} refused: {cause}",
-            target=target,
-            expected=cause.expected,
-            presented=list(cause.presented),
+    where = f"{route.name}: upstream {endpoint.address}:{endpoint.port}"
+    cause = exc.__cause__ or exc
+    if isinstance(exc, ConnectFailed):
+        if isinstance(cause, PeerIdentityError):
+            return UpstreamIdentityError(
+                f"{where} refused: {cause}",
+                target=target,
+                expected=cause.expected,
+                presented=list(cause.presented),
+            )
+        if isinstance(cause, SSLError | ssl.SSLError | ssl.CertificateError):
+            return UpstreamTlsError(
+                f"{where}: TLS handshake failed: {_reason(cause)}", target=target
+            )
+        if isinstance(cause, ConnectTimeoutError) and not isinstance(cause, NewConnectionError):
+            return UpstreamTimeout(f"{where}: connect timed out", target=target)
+        return UpstreamUnreachable(f"{where} unreachable: {_reason(cause)}", target=target)
+    if isinstance(exc, HeadTimeout):
+        return UpstreamTimeout(
+            f"{where} did not answer within {route.timeout.read_timeout:g}s", target=target
         )
-    if isinstance(cause, SSLError | ssl.SSLError | ssl.CertificateError):
-        return UpstreamTlsError(f"{where}: TLS handshake failed: {_reason(cause)}", target=target)
-    if isinstance(cause, ConnectTimeoutError) and not isinstance(cause, NewConnectionError):
-        return UpstreamTimeout(f"{where}: connect timed out", target=target)
-    return UpstreamUnreachable(f"{where} unreachable: {_reason(cause)}", target=target)
+    if isinstance(exc, InvalidResponse):
+        return UpstreamProtocolError(f"{where} sent an invalid answer: {exc}", target=target)
+    if isinstance(exc, StaleConnection):
+        return UpstreamError(f"{where} closed the connection before answering", target=target)
+    return UpstreamError(f"{where} failed mid-request: {_reason(cause)}", target=target)

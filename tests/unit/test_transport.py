@@ -1,0 +1,322 @@
+"""The transport module: the private library behaviour it relies on, pinned; pools and TLS.
+
+``odin_gw.proxy.transport`` is the one place that touches private parts of urllib3,
+http.client, socket and werkzeug. Each ``test_pin_*`` states one such behaviour, so an
+upgrade that changes it fails here, by name, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+import time
+
+import pytest
+import requests
+from urllib3 import HTTPConnectionPool, HTTPResponse
+from urllib3.exceptions import ClosedPoolError
+from werkzeug.datastructures import Headers
+
+from odin_gw.mesh.snapshot import Endpoint
+from odin_gw.mesh.tls import TlsMaterial
+from odin_gw.proxy.forwarder import ProxyResponse
+from odin_gw.proxy.transport import (
+    ConnectFailed,
+    HeadTimeout,
+    MeshAdapter,
+    MeshHTTPSConnection,
+    UpstreamHTTPConnection,
+    UpstreamHTTPSConnection,
+    UpstreamSession,
+    _FinalResponse,
+    _TimedReader,
+    open_response,
+    relay_headers,
+    release,
+)
+from tests.doubles.pki import CertificateAuthority, consul_service_uri
+from tests.support.raw_upstream import RawUpstream, Reply
+
+
+def ok(body: bytes = b"ok") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+
+
+def exchange(session, endpoint, *, deadline=5.0, timeout=5.0, method="GET", body=None):
+    return open_response(
+        session,
+        endpoint,
+        method,
+        "/x",
+        body,
+        {"Host": endpoint.host_header},
+        False,
+        time.monotonic() + deadline,
+        timeout,
+        2.0,
+        timeout,
+    )
+
+
+@pytest.fixture
+def session():
+    s = UpstreamSession(pool_size=4)
+    yield s
+    s.close()
+
+
+# -- pinned behaviour of the libraries ------------------------------------------------------
+
+
+def test_pin_urllib3_pool_hands_out_and_takes_back_connections():
+    pool = HTTPConnectionPool("127.0.0.1", 9, maxsize=2, block=False)
+    pool.ConnectionCls = UpstreamHTTPConnection
+    conn = pool._get_conn()
+    assert isinstance(conn, UpstreamHTTPConnection) and conn.sock is None
+    pool._put_conn(conn)
+    assert pool._get_conn() is conn  # what was put back comes out again
+    pool.close()
+    with pytest.raises(ClosedPoolError):
+        pool._get_conn()
+    pool._put_conn(conn)  # into a closed pool: closed, no error
+
+
+def test_pin_urllib3_response_without_pool_never_puts_its_connection_back():
+    conn = object()
+    response = HTTPResponse(body=b"", preload_content=False, connection=conn)
+    assert response.connection is conn and response._connection is conn
+    response.release_conn()  # no _pool: nothing happens
+    assert response._connection is conn
+
+
+def test_pin_http_client_builds_the_answer_through_the_connections_response_class():
+    with RawUpstream([Reply(ok(b"pinned"))]) as up:
+        conn = UpstreamHTTPConnection("127.0.0.1", up.port, timeout=5)
+        conn.head_deadline = time.monotonic() + 5
+        conn.request("GET", "/", preload_content=False)
+        response = conn.getresponse()
+        assert isinstance(conn.answer, _FinalResponse)
+        assert isinstance(conn.reader, _TimedReader)
+        assert response.read() == b"pinned"
+        conn.close()
+
+
+def test_pin_http_client_internals_the_head_parser_uses():
+    assert isinstance(http.client._MAXLINE, int) and isinstance(http.client._MAXHEADERS, int)
+    assert callable(http.client.HTTPResponse._read_status)
+    assert callable(http.client.HTTPResponse._check_close)
+    assert callable(http.client.parse_headers)
+
+
+def test_pin_socket_makefile_counts_io_refs_and_socketio_keeps_its_socket():
+    a, b = socket.socketpair()
+    with a, b:
+        before = a._io_refs
+        f = a.makefile("rb")
+        assert a._io_refs == before + 1
+        f.close()
+        assert a._io_refs == before
+        reader = _TimedReader(a, time.monotonic() + 1)
+        assert reader._sock is a and a._io_refs == before + 1
+        a.close()  # the fd stays open while the reader holds it, as with makefile()
+        b.sendall(b"x")
+        buf = bytearray(1)
+        assert reader.readinto(buf) == 1
+        reader.close()
+        assert a.fileno() == -1
+
+
+def test_pin_werkzeug_headers_list_is_what_the_wsgi_response_sends():
+    items = [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("X-Odd", "keep  spacing")]
+    headers = Headers()
+    relay_headers(headers, items)
+    assert headers._list is items
+    response = ProxyResponse.relay([b"body"], 200, items)
+    sent = {}
+
+    def start_response(status, header_list, exc_info=None):
+        sent["status"], sent["headers"] = status, header_list
+
+    body = b"".join(response({"REQUEST_METHOD": "GET"}, start_response))
+    assert body == b"body" and sent["status"].startswith("200")
+    assert sent["headers"] == items
+
+
+# -- the answer head ------------------------------------------------------------------------
+
+
+def test_head_deadline_holds_against_a_dripping_upstream(session):
+    with RawUpstream([Reply(ok(b"x" * 50), drip=0.05)]) as up:
+        endpoint = Endpoint("127.0.0.1", up.port)
+        started = time.monotonic()
+        with pytest.raises(HeadTimeout):
+            exchange(session, endpoint, deadline=0.4)
+        assert 0.3 < time.monotonic() - started < 1.2
+        assert up.wait_closed(0)
+
+
+def test_answer_read_to_its_end_goes_back_to_the_pool(session):
+    with RawUpstream([Reply(ok(b"one")), Reply(ok(b"two"))]) as up:
+        endpoint = Endpoint("127.0.0.1", up.port)
+        for expected in (b"one", b"two"):
+            response = exchange(session, endpoint)
+            assert response.read(decode_content=False) == expected
+            release(response)
+            release(response)  # twice is harmless
+        assert len(up.connections) == 1
+
+
+def test_answer_abandoned_halfway_closes_its_connection(session):
+    body = b"y" * 100_000
+    with RawUpstream([Reply(ok(body))], default=[Reply(ok(b"fresh"))]) as up:
+        endpoint = Endpoint("127.0.0.1", up.port)
+        response = exchange(session, endpoint)
+        assert response.read(10, decode_content=False) == b"y" * 10
+        release(response)
+        assert up.wait_closed(0)
+        response = exchange(session, endpoint)
+        assert response.read(decode_content=False) == b"fresh"
+        release(response)
+
+
+def test_head_and_204_answers_complete_without_reading(session):
+    no_body = b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with RawUpstream([Reply(no_body), Reply(ok(b"after"))]) as up:
+        endpoint = Endpoint("127.0.0.1", up.port)
+        response = exchange(session, endpoint)
+        assert response.status == 204
+        assert response.read(decode_content=False) == b""
+        release(response)
+        response = exchange(session, endpoint)
+        assert response.read(decode_content=False) == b"after"
+        release(response)
+        assert len(up.connections) == 1
+
+
+# -- sessions, pools and TLS ------------------------------------------------------------------
+
+
+def test_session_mounts_one_adapter_and_refuses_session_request(session):
+    assert session.get_adapter("http://x") is session.adapter
+    assert session.get_adapter("https://x") is session.adapter
+    with pytest.raises(NotImplementedError):
+        session.get("http://127.0.0.1:9/")
+
+
+def test_pools_are_keyed_by_what_makes_a_connection_different(session):
+    adapter = session.adapter
+    plain = Endpoint("10.0.0.1", 443, scheme="https")
+    static = Endpoint("10.0.0.1", 443, scheme="https", static=True)
+    static_ca = Endpoint("10.0.0.1", 443, scheme="https", static=True, ca_file="/ca.pem")
+    assert plain.key == static.key == static_ca.key  # one target, as logs show it
+    assert len({plain.pool_key, static.pool_key, static_ca.pool_key}) == 3
+    assert adapter.pool_for(static) is adapter.pool_for(
+        Endpoint("10.0.0.1", 443, scheme="https", static=True)
+    )
+    adapter.retain({"https://10.0.0.1:443"})
+    assert adapter._pools
+    adapter.retain(set())
+    assert not adapter._pools
+
+
+def test_closed_adapter_refuses_new_pools():
+    adapter = MeshAdapter(None, 2)
+    adapter.close()
+    with pytest.raises(ClosedPoolError):
+        adapter.pool_for(Endpoint("127.0.0.1", 80))
+
+
+@pytest.fixture
+def pki(tmp_path):
+    """A mesh CA with our workload certificate, and an unrelated 'public' CA."""
+    mesh = CertificateAuthority()
+    public = CertificateAuthority(trust_domain="public.example", common_name="Public Root")
+    ours = mesh.issue(uri=consul_service_uri(mesh.trust_domain, "odin-gateway"))
+    material = TlsMaterial(
+        ours.chain_pem, ours.key_pem, mesh.root_pem, source="test", trust_domain=mesh.trust_domain
+    )
+    public_ca = public.write_ca(tmp_path / "public-ca.pem")
+    mesh_ca = mesh.write_ca(tmp_path / "mesh-ca.pem")
+
+    def server(ca, name, **issue) -> ssl.SSLContext:
+        cert, key = ca.issue(**issue).write(tmp_path / name)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(cert), str(key))
+        # Ask for a client certificate (optional), so one that is sent gets recorded.
+        ctx.load_verify_locations(str(mesh_ca))
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        return ctx
+
+    return mesh, public, material, str(public_ca), server
+
+
+def test_static_https_target_is_verified_by_its_ca_file_and_never_sees_the_mesh_cert(pki):
+    _mesh, public, material, public_ca, server = pki
+    session = UpstreamSession(pool_size=2, material=material)
+    try:
+        with RawUpstream([Reply(ok(b"public"))], tls=server(public, "pub")) as up:
+            target = Endpoint("127.0.0.1", up.port, scheme="https", static=True, ca_file=public_ca)
+            response = exchange(session, target)
+            assert response.read(decode_content=False) == b"public"
+            release(response)
+            assert up.connections[0].peer_cert in (None, {})  # no client certificate shown
+            pool = session.adapter.pool_for(target)
+            assert pool.ConnectionCls is UpstreamHTTPSConnection
+    finally:
+        session.close()
+
+
+def test_static_https_target_checks_the_hostname(pki):
+    _mesh, public, material, public_ca, server = pki
+    session = UpstreamSession(pool_size=2, material=material)
+    ctx = server(public, "other", dns_names=["other.example"], ips=())
+    try:
+        with RawUpstream([Reply(ok())], tls=ctx) as up:
+            target = Endpoint("127.0.0.1", up.port, scheme="https", static=True, ca_file=public_ca)
+            with pytest.raises(ConnectFailed) as info:
+                exchange(session, target)
+            assert "mismatch" in str(info.value)
+    finally:
+        session.close()
+
+
+def test_static_https_target_without_ca_file_uses_the_system_cas(pki):
+    _mesh, public, material, _public_ca, server = pki
+    session = UpstreamSession(pool_size=2, material=material)
+    try:
+        with RawUpstream([Reply(ok())], tls=server(public, "pub2")) as up:
+            target = Endpoint("127.0.0.1", up.port, scheme="https", static=True)
+            with pytest.raises(ConnectFailed) as info:
+                exchange(session, target)
+            assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
+    finally:
+        session.close()
+
+
+def test_mesh_endpoint_gets_mesh_tls_and_presents_the_gateway_identity(pki):
+    mesh, _public, material, _public_ca, server = pki
+    session = UpstreamSession(pool_size=2, material=material)
+    web = consul_service_uri(mesh.trust_domain, "web")
+    try:
+        with RawUpstream([Reply(ok(b"meshed"))], tls=server(mesh, "web", uri=web)) as up:
+            endpoint = Endpoint("127.0.0.1", up.port, scheme="https", identity=web)
+            response = exchange(session, endpoint)
+            assert response.read(decode_content=False) == b"meshed"
+            release(response)
+            assert session.adapter.pool_for(endpoint).ConnectionCls is MeshHTTPSConnection
+            sans = dict(up.connections[0].peer_cert["subjectAltName"])
+            assert sans["URI"] == consul_service_uri(mesh.trust_domain, "odin-gateway")
+    finally:
+        session.close()
+
+
+def test_new_material_mounts_a_new_adapter_and_closes_the_old(pki):
+    _mesh, _public, material, _public_ca, _server = pki
+    session = UpstreamSession(pool_size=2)
+    old = session.adapter
+    session.use_material(material)
+    assert session.adapter is not old and session.adapter.material is material
+    assert old.closed
+    assert isinstance(session, requests.Session)
+    session.close()
