@@ -28,11 +28,16 @@ def check_config(path: str) -> int:
 
 
 def run(config: str, extra: list[str]) -> int:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """Replace this process with gunicorn serving the installed package (no checkout).
+
+    The settings are ``odin_gw/gunicorn_settings.py``, given as a file so that gunicorn
+    reads it again on ``SIGHUP``; the app is ``odin_gw.wsgi_entry:app``. ``extra`` goes
+    to gunicorn as it is (``-b``, ``--workers``...).
+    """
     os.environ["ODIN_CONFIG"] = config
-    conf = os.path.join(here, "gunicorn.conf.py")
-    args = ["gunicorn", "-c", conf, "--chdir", here, "wsgi:app", *extra]
-    os.execvp(args[0], args)
+    settings = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gunicorn_settings.py")
+    args = [sys.executable, "-m", "gunicorn", "-c", settings, "odin_gw.wsgi_entry:app", *extra]
+    os.execv(args[0], args)
     return 1  # not reached
 
 

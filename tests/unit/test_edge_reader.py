@@ -1,0 +1,134 @@
+"""The thread side of the edge worker without sockets: bounded waits and the 408 answer."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+
+import pytest
+
+from odin_gw.edge_limits import BodyTooSlow, EdgeLimits, HeadTimeout, MinRate
+from odin_gw.edge_reader import CurrentRequest, EdgeUnreader, TimeoutAnswer
+
+LIMITS = EdgeLimits(header_timeout=0.05, min_rate=MinRate(1000, 0.05))
+
+
+class SilentSocket:
+    """A client that sends nothing (a recv without waiting finds nothing)."""
+
+    receive_timeout = (0, 0)  # SO_RCVTIMEO as a timeval; (0, 0): not set
+
+    def recv(self, size, flags=0):
+        raise BlockingIOError
+
+    def getsockopt(self, level, option, size):
+        return struct.pack("ll", *self.receive_timeout)
+
+
+class Request:
+    closed = False
+
+    def force_close(self):
+        self.closed = True
+
+
+def unreader(waits: list[float]) -> tuple[EdgeUnreader, list]:
+    reports: list = []
+    u = EdgeUnreader(SilentSocket(), LIMITS, lambda phase, detail: reports.append(phase))
+
+    def readable(timeout: float) -> bool:  # the client stays silent for the whole wait
+        waits.append(timeout)
+        time.sleep(timeout)
+        return False
+
+    u._readable = readable
+    return u, reports
+
+
+def test_buffered_bytes_come_first_without_touching_the_socket():
+    u, _ = unreader([])
+    u.prime(b"GET / HTTP/1.1\r\n\r\n", time.monotonic() + 10)
+    assert u.read() == b"GET / HTTP/1.1\r\n\r\n"
+
+
+def test_head_wait_ends_at_the_head_deadline():
+    waits: list[float] = []
+    u, reports = unreader(waits)
+    u.prime(b"", time.monotonic() + 0.05)
+    with pytest.raises(HeadTimeout):
+        u.read()
+    assert reports == ["head"] and u.too_slow
+    assert 0 < waits[0] <= 0.05
+
+
+def test_body_wait_follows_the_rate_rule_and_closes_the_request():
+    waits: list[float] = []
+    u, reports = unreader(waits)
+    u.prime(b"", time.monotonic() + 10)
+    req = Request()
+    u.begin_body(req)
+    with pytest.raises(BodyTooSlow):
+        u.read(10)
+    assert reports == ["body"] and u.too_slow and req.closed
+    assert waits == [pytest.approx(0.05)]  # the grace period, nothing more
+
+
+def test_time_the_app_spends_not_reading_is_not_the_clients():
+    waits: list[float] = []
+    u, _ = unreader(waits)
+    u.prime(b"", time.monotonic() + 10)
+    u.begin_body(Request())
+    time.sleep(0.1)  # longer than the grace: the app was busy, the client was not asked
+    with pytest.raises(BodyTooSlow):
+        u.read(10)
+    assert waits and waits[0] == pytest.approx(0.05)
+
+
+def test_the_kernel_receive_timeout_bounds_the_wait_too():
+    waits: list[float] = []
+    u, reports = unreader(waits)
+    u.sock.receive_timeout = (0, 20_000)  # server.readTimeout 20 ms, set by the forwarder
+    u.prime(b"", time.monotonic() + 10)
+    u.begin_body(Request())
+    u.received = 10_000  # the rate rule alone would allow 10 s
+    with pytest.raises(BodyTooSlow, match=r"no request body received for 0\.02s"):
+        u.read(10)
+    assert waits == [pytest.approx(0.02)] and reports == ["body"]
+
+
+def wsgi_call(app, current_unreader):
+    current = CurrentRequest()
+    current.unreader = current_unreader
+    wrapped = TimeoutAnswer(app, current)
+    started: list = []
+
+    def start_response(status, headers, exc_info=None):
+        started.append((status, headers))
+
+    body = b"".join(wrapped(dict(), start_response))
+    return started, body
+
+
+def test_app_answer_to_a_slow_body_becomes_408():
+    u, _ = unreader([])
+
+    def app(environ, start_response):
+        u.too_slow = True  # the body read failed inside the app
+        start_response("400 Bad Request", [("Content-Type", "application/json")])
+        return [b'{"code": "client_disconnected"}']
+
+    started, body = wsgi_call(app, u)
+    assert [s for s, _ in started] == ["408 Request Timeout"]
+    assert json.loads(body)["code"] == "request_timeout"
+
+
+def test_other_answers_pass_through():
+    u, _ = unreader([])
+
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return [b"fine"]
+
+    assert wsgi_call(app, u) == ([("200 OK", [])], b"fine")
+    assert wsgi_call(app, None) == ([("200 OK", [])], b"fine")
