@@ -11,10 +11,3 @@ import sys
 # gunicorn executes this file again on SIGHUP: re-read the gateway config then too.
 sys.modules.pop("odin_gw.gunicorn_settings", None)
 from odin_gw.gunicorn_settings import *  # noqa: E402, F403
-
-# gunicorn would believe SCRIPT_NAME/PATH_INFO/X-Forwarded-Proto headers from loopback
-# peers by default, moving a request to another route than the target it forwards. The
-# gateway decides forwarding trust itself (server.trustedProxies), so gunicorn trusts no one.
-forwarded_allow_ips = ""
-forwarder_headers = ""
-secure_scheme_headers = {}

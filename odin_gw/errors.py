@@ -40,6 +40,20 @@ class ClientDisconnected(BadRequest):
     code = "client_disconnected"
 
 
+class MethodRefused(GatewayError):
+    """A method the gateway never forwards, or one a gateway path does not take."""
+
+    status = 405
+    code = "method_not_allowed"
+
+
+class UnsupportedTransferEncoding(GatewayError):
+    """The request body uses a transfer coding other than ``chunked`` alone (nginx: 501)."""
+
+    status = 501
+    code = "unsupported_transfer_encoding"
+
+
 class RouteNotFound(GatewayError):
     """No route's base path matches the request path."""
 

@@ -78,7 +78,6 @@ proc_name = "odin-gw"
 # gunicorn would believe SCRIPT_NAME/PATH_INFO/X-Forwarded-Proto headers from loopback
 # peers by default, moving a request to another route than the target it forwards. The
 # gateway decides forwarding trust itself (server.trustedProxies), so gunicorn trusts no one.
-# (The checkout's gunicorn.conf.py sets the same three; a unit test keeps them equal.)
 forwarded_allow_ips = ""
 forwarder_headers = ""
 secure_scheme_headers = {}

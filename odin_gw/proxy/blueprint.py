@@ -16,7 +16,7 @@ from flask import Blueprint, current_app, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter, RequestRedirect, Rule
 
-from ..errors import BadRequest, GatewayError, RouteNotFound
+from ..errors import BadRequest, MethodRefused, RouteNotFound
 from .outbound import raw_path
 
 ENDPOINT = "proxy.forward"
@@ -27,13 +27,6 @@ ENDPOINT = "proxy.forward"
 REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 
 proxy_bp = Blueprint("proxy", __name__)
-
-
-class MethodRefused(GatewayError):
-    """A method the gateway never forwards, or one a gateway path does not take."""
-
-    status = 405
-    code = "method_not_allowed"
 
 
 class ProxyView:
@@ -62,7 +55,7 @@ class ProxyView:
             # (CVE-2021-32779): "/api/a/x#/../../admin" would reach a backend that may
             # resolve the dot segments after the "#".
             raise BadRequest("request target contains #")
-        raw = raw_path(environ)
+        raw = environ["odin.raw_path"] = raw_path(environ)  # the outbound side reuses it
         decoded = unquote(raw)
         path_info = environ.get("PATH_INFO") or "/"
         # Dot segments are judged on the fully decoded path: a backend that decodes %2F
@@ -141,7 +134,10 @@ def _register(state) -> None:
     # Rules without a method list: added to werkzeug's map directly, since Flask's
     # add_url_rule always supplies one (GET by default).
     app = state.app
-    app.view_functions[ENDPOINT] = ProxyView(app.extensions["odin"])
+    # The bound method, not the instance: Flask asks inspect whether each view is a
+    # coroutine function on every request, which is cheap for a method and costly for
+    # a callable object.
+    app.view_functions[ENDPOINT] = ProxyView(app.extensions["odin"]).__call__
     app.url_map.add(CatchAllRule("/", defaults={"path": ""}, endpoint=ENDPOINT))
     app.url_map.add(CatchAllRule("/<path:path>", endpoint=ENDPOINT))
 

@@ -92,8 +92,20 @@ class UpstreamBody:
 
     def __iter__(self) -> Iterator[bytes]:
         exchange = self.exchange
+        resp = self._resp
         try:
-            for chunk in self._resp.stream(CHUNK, decode_content=False):
+            if resp.chunked:  # one piece per chunk, as each arrives
+                for chunk in resp.stream(CHUNK, decode_content=False):
+                    exchange.response_bytes += len(chunk)
+                    yield chunk
+                return
+            # Whatever has arrived, up to CHUNK: read(CHUNK) would wait for a full 64 KiB,
+            # holding back a body that trickles (server-sent events, progress output).
+            read1 = resp.read1
+            while True:
+                chunk = read1(CHUNK, decode_content=False)
+                if not chunk:
+                    return
                 exchange.response_bytes += len(chunk)
                 yield chunk
         except (ReadTimeoutError, ProtocolError, SSLError, OSError) as exc:

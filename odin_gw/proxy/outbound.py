@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from ..errors import BadRequest, ClientDisconnected, GatewayError
+from ..errors import BadRequest, ClientDisconnected, UnsupportedTransferEncoding
 from ..routing import Route
 from .exchange import Exchange
 from .headers import UNTRUSTED_ONLY, OutboundHeaders, upstream_headers
@@ -18,13 +18,6 @@ from .headers import UNTRUSTED_ONLY, OutboundHeaders, upstream_headers
 CHUNK = 64 * 1024
 # Bodies up to this size are read whole: cheaper than streaming, and replayable on retry.
 SMALL_BODY = 64 * 1024
-
-
-class UnsupportedTransferEncoding(GatewayError):
-    """The request body uses a transfer coding other than ``chunked`` alone."""
-
-    status = 501
-    code = "unsupported_transfer_encoding"
 
 
 @dataclass(slots=True)
@@ -64,7 +57,8 @@ class OutboundBuilder:
         for name, value in exchange.mesh_headers:
             headers[name] = value
         headers["X-Request-Id"] = exchange.request_id
-        url = route.upstream_path(raw_path(environ))
+        raw = environ.get("odin.raw_path") or raw_path(environ)  # the blueprint's, if any
+        url = route.upstream_path(raw)
         query = environ.get("QUERY_STRING")
         if query:
             url = f"{url}?{query}"

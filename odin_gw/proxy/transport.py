@@ -22,13 +22,14 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import MutableMapping
 
 import requests
 from requests.adapters import BaseAdapter
 from urllib3 import BaseHTTPResponse, HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import ClosedPoolError, HTTPError, InvalidHeader
-from urllib3.util import create_urllib3_context
+from urllib3.util import SKIP_HEADER, create_urllib3_context
 from werkzeug.datastructures import Headers
 
 from ..mesh.identity import IdentityCheckingHTTPSConnection
@@ -88,15 +89,17 @@ MAX_INTERIM = 32
 
 # The end of the header block, searched right after the status line.
 _HEAD_END = re.compile(rb"\n\r?\n")
-# Control characters other than HTAB, a CR not ending a line, obs-fold (a line starting
-# with SP/HTAB): RFC 9110 5.5 / RFC 9112 2.2, 5.2. nginx ("upstream sent invalid
-# header") and Envoy both answer 502 for these.
-_BAD_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|\n[ \t]")
+# Control characters other than HTAB, CR and LF; a CR not ending a line and obs-fold (a
+# line starting with SP/HTAB) are checked with bytes counts beside it: RFC 9110 5.5 /
+# RFC 9112 2.2, 5.2. nginx ("upstream sent invalid header") and Envoy both answer 502.
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # Framing headers that need a closer look than http.client gives them: any
-# Transfer-Encoding, or a second Content-Length line.
+# Transfer-Encoding, or a second Content-Length line. Spelled out per letter instead of
+# IGNORECASE, and searched in a block that starts with "\n": a tenth of the cost.
 _ODD_FRAMING = re.compile(
-    rb"(?:^|\n)transfer-encoding[ \t]*:|(?:^|\n)content-length[ \t]*:.*\ncontent-length[ \t]*:",
-    re.IGNORECASE | re.DOTALL,
+    rb"\n(?:[Tt][Rr][Aa][Nn][Ss][Ff][Ee][Rr]-[Ee][Nn][Cc][Oo][Dd][Ii][Nn][Gg][ \t]*:"
+    rb"|[Cc][Oo][Nn][Tt][Ee][Nn][Tt]-[Ll][Ee][Nn][Gg][Tt][Hh][ \t]*:[^\n]*"
+    rb"(?:\n[^\n]*)*?\n[Cc][Oo][Nn][Tt][Ee][Nn][Tt]-[Ll][Ee][Nn][Gg][Tt][Hh][ \t]*:)"
 )
 _DIGITS = frozenset("0123456789")
 
@@ -208,9 +211,16 @@ class _FinalResponse(http.client.HTTPResponse):
             end = len(block)
             self._wire = fp
             self.fp = io.BytesIO(block)
-        if block[:1] in (b" ", b"\t") or _BAD_HEAD.search(block, 0, end):
+        # The header lines, each after a "\n" (the status line's is already consumed).
+        lines_ = b"\n" + block[:end]
+        if (
+            _CONTROL.search(lines_) is not None
+            or lines_.count(b"\r") != lines_.count(b"\r\n")
+            or b"\n " in lines_
+            or b"\n\t" in lines_
+        ):
             raise _BadHead("invalid character or folded line in the answer's header block")
-        if _ODD_FRAMING.search(block, 0, end):
+        if _ODD_FRAMING.search(lines_) is not None:
             self._odd = True
 
     def begin(self) -> None:
@@ -319,7 +329,7 @@ def open_response(
     method: str,
     target: str,
     body,
-    headers: dict[str, str],
+    headers: MutableMapping[str, str],
     chunked: bool,
     deadline: float,
     timeout: float,
@@ -357,6 +367,12 @@ def open_response(
                 raise ConnectFailed(str(exc)) from exc
         conn.timeout = idle_timeout  # each send of the request
         conn.reader = None
+        # A proxy adds no User-Agent or Accept-Encoding of its own (neither nginx nor
+        # Envoy does); urllib3 and http.client would, unless told to skip them.
+        if "user-agent" not in headers:
+            headers["User-Agent"] = SKIP_HEADER
+        if "accept-encoding" not in headers:
+            headers["Accept-Encoding"] = SKIP_HEADER
         sent_error = None
         try:
             conn.request(

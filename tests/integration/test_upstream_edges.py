@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 
 import pytest
@@ -95,6 +97,18 @@ def test_upstream_request_id_is_not_duplicated(gateway_factory):
         assert r.all("X-Request-Id") == ["abc-123"]
 
 
+def test_gateway_adds_no_user_agent_or_accept_encoding(gateway_factory):
+    # nginx and Envoy add neither; a client without them reaches the backend without them.
+    with RawUpstream([Reply(ok(b"x")), Reply(ok(b"y"))]) as up:
+        gw = gateway_factory(service(up))
+        assert exchange(gw.port, b"GET /e/bare HTTP/1.1\r\nHost: gw\r\n\r\n").status == 200
+        raw = b"GET /e/ua HTTP/1.1\r\nHost: gw\r\nuser-agent: c/1\r\nACCEPT-ENCODING: br\r\n\r\n"
+        assert exchange(gw.port, raw).status == 200
+        bare, given = up.requests
+        assert bare.headers("User-Agent") == [] and bare.headers("Accept-Encoding") == []
+        assert given.headers("User-Agent") == ["c/1"] and given.headers("Accept-Encoding") == ["br"]
+
+
 def test_early_413_during_a_large_upload_reaches_the_client(gateway_factory):
     refused = (
         b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 7\r\nConnection: close\r\n\r\ntoo big"
@@ -155,3 +169,57 @@ def test_static_https_target_with_mesh_material_present(gateway_factory, tmp_pat
         r = requests.get(gw.url + "/pub/x", timeout=10)
         assert (r.status_code, r.content) == (200, b"public"), r.text
         assert up.connections[0].peer_cert in (None, {})  # not shown our certificate
+
+
+def test_a_trickling_body_reaches_the_client_as_it_arrives(gateway_factory):
+    # Larger than the small-body buffer, so it is streamed; its first bytes must not wait
+    # for a full read buffer (64 KiB) when the upstream pauses, as an event stream does.
+    total, first = 200_000, b"data: first event\n\n"
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    pause = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(10)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (total, first))
+            pause.wait(5)  # the rest only once the client has seen the first event
+            conn.sendall(b"x" * (total - len(first)))
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        gw = gateway_factory(
+            {
+                "services": [
+                    {
+                        "name": "e",
+                        "basePath": "/e",
+                        "targets": [f"http://127.0.0.1:{listener.getsockname()[1]}"],
+                    }
+                ]
+            }
+        )
+        with connect(gw.port) as sock:
+            sock.sendall(get("/e/events"))
+            reader = RawReader(sock, deadline=3)
+            resp = reader.read_head()
+            assert resp.status == 200 and resp.header("Content-Length") == str(total)
+            started = time.monotonic()
+            while first not in reader.buf and time.monotonic() - started < 3:
+                reader._fill(started + 3)
+            assert reader.buf.startswith(first), "the first event was held back"
+            pause.set()
+            got = len(reader.buf)
+            while got < total and time.monotonic() - started < 10:
+                reader._fill(started + 10)
+                got = len(reader.buf)
+            assert got == total
+    finally:
+        pause.set()
+        server.join(timeout=5)
+        listener.close()

@@ -5,6 +5,7 @@ import pytest
 
 from odin_gw.config.model import ConsulConfig, GatewayConfig, ServiceConfig
 from odin_gw.config.schema import parse_target
+from odin_gw.errors import UnsupportedTransferEncoding
 from odin_gw.mesh.headers import ConsulHeaders
 from odin_gw.mesh.snapshot import Endpoint
 from odin_gw.proxy.blueprint import unsafe_path
@@ -15,7 +16,7 @@ from odin_gw.proxy.headers import (
     response_headers,
     upstream_headers,
 )
-from odin_gw.proxy.outbound import OutboundBuilder, UnsupportedTransferEncoding, raw_path
+from odin_gw.proxy.outbound import OutboundBuilder, raw_path
 from odin_gw.proxy.trust import ForwardingTrust
 from odin_gw.routing import Route
 
