@@ -35,8 +35,8 @@ bench: $(STAMP)
 	$(PY) -m bench.run
 
 ## mutate: mutation testing (mutmut) of MODULES against the in-process suites
-MODULES ?= odin_gw.proxy odin_gw.passive_health odin_gw.admin odin_gw.edge_worker \
-	odin_gw.accesslog odin_gw.config.schema
+MODULES ?= odin_gw.proxy odin_gw.passive_health odin_gw.admin odin_gw.edge_worker odin_gw.edge_reader \
+	odin_gw.edge_limits odin_gw.accesslog odin_gw.config.schema
 mutate: $(STAMP)
 	$(PY) -m pip install --quiet mutmut==3.8.1
 	rm -rf mutants

@@ -91,14 +91,28 @@ def test_metrics_add_up_across_workers(gateway_factory, upstream):
     gw = gateway_factory(
         {"services": [svc(upstream.url)], "monitoring": {"enabled": True}}, workers=2
     )
-    pids = set()
-    for _ in range(40):
-        # New connection each time, so both workers take requests.
-        r = requests.get(gw.url + "/web/x", headers={"Connection": "close"})
-        assert r.status_code == 200
-        pids.add(requests.get(gw.url + "/health", headers={"Connection": "close"}).json()["pid"])
-    requests.get(gw.url + "/web/status/503", headers={"Connection": "close"})
-    assert len(pids) == 2, "both workers should have served"
+    # One kept-alive session per worker: a connection stays with the worker that took
+    # it, so each worker serves exactly 20 of the 40 requests (bounded search for two
+    # connections taken by different workers).
+    sessions: dict[int, requests.Session] = {}
+    for _ in range(50):
+        session = requests.Session()
+        pid = session.get(gw.url + "/health").json()["pid"]
+        if pid in sessions:
+            session.close()
+        else:
+            sessions[pid] = session
+        if len(sessions) == 2:
+            break
+    assert len(sessions) == 2, "no connection reached the second worker"
+    for pid, session in sessions.items():
+        for _ in range(20):
+            r = session.get(gw.url + "/web/x")
+            assert r.status_code == 200
+        assert session.get(gw.url + "/health").json()["pid"] == pid  # same worker all along
+    next(iter(sessions.values())).get(gw.url + "/web/status/503")
+    for session in sessions.values():
+        session.close()
     assert settled_metric(gw, "odin_requests_total", 40, service="web", status_class="2xx") == 40
     assert settled_metric(gw, "odin_requests_total", 1, service="web", status_class="5xx") == 1
     assert settled_metric(gw, "odin_request_duration_seconds_count", 41, service="web") == 41
@@ -149,11 +163,25 @@ def test_secrets_never_logged(gateway_factory, upstream):
             "serviceMesh": {"consul": {"token": "consul-secret-token"}},
         }
     )
-    requests.get(gw.url + "/web/x", headers={"Authorization": "Bearer client-secret"})
-    gw.admin("config")
-    time.sleep(0.3)
+    requests.get(
+        gw.url + "/web/x",
+        headers={"Authorization": "Bearer client-secret", "X-Request-Id": "proxied-1"},
+    )
+    token = gw.config["admin"]["token"]
+    requests.get(
+        gw.url + "/admin/config",
+        headers={"Authorization": f"Bearer {token}", "X-Request-Id": "admin-1"},
+    )
+    # Wait for the access lines of both requests (written in batches), so the check
+    # below reads a log that holds them, not one written before anything happened.
+    deadline = time.monotonic() + 10
     log = gw.log()
-    for secret in ("consul-secret-token", "client-secret", gw.config["admin"]["token"]):
+    while not ("proxied-1" in log and "admin-1" in log) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        log = gw.log()
+    assert "proxied-1" in log and "admin-1" in log, log[-2000:]
+    assert "DEBUG" in log  # logging at debug level, the most talkative
+    for secret in ("consul-secret-token", "client-secret", token):
         assert secret not in log
 
 
