@@ -72,6 +72,43 @@ def test_small_body_is_buffered():
     assert bytes_needed(raw.replace(b"Content-Length", b"content-LENGTH"), LIMITS) == len(raw) + 10
 
 
+@pytest.mark.parametrize(
+    "line", [b"Content-Length:7", b"Content-Length: 7", b"Content-Length:\t 7 \t"]
+)
+def test_length_is_read_exactly_whatever_the_spacing(line):
+    # Too large a count would leave a complete request waiting for bytes that never come.
+    raw = HEAD + line + b"\r\nX-After: 1\r\n\r\n"
+    assert bytes_needed(raw, LIMITS) == len(raw) + 7
+    last = HEAD + line + b"\r\n\r\n"  # the length is the last header line
+    assert bytes_needed(last, LIMITS) == len(last) + 7
+
+
+def test_a_second_length_after_other_headers_goes_to_gunicorns_parser():
+    raw = HEAD + b"Content-Length: 5\r\nX: y\r\ncontent-length: 6\r\n\r\n"
+    assert bytes_needed(raw, LIMITS) == HAND_OVER
+
+
+def test_head_limits_are_gunicorns_own_boundaries():
+    limits = EdgeLimits(max_line=20, max_head=60)
+    line = b"GET /" + b"a" * 15  # exactly max_line bytes, no CRLF yet: keep reading
+    assert len(line) == 20 and bytes_needed(line, limits) is None
+    assert bytes_needed(line + b"a", limits) == HAND_OVER
+    line_ok = b"GET /" + b"a" * 14 + b"\r\n"  # a line of max_line bytes plus its CRLF
+    assert bytes_needed(line_ok + b"H: v", limits) is None
+    head = b"GET / HTTP/1.1\r\n" + b"X: 123456\r\n" * 4  # 60 bytes, not complete
+    assert len(head) == 60 and bytes_needed(head, limits) is None
+    assert bytes_needed(head + b"X", limits) == HAND_OVER
+
+
+def test_scanning_resumes_where_it_stopped_without_missing_a_split_end():
+    first = b"GET / HTTP/1.1\r\nHost: x\r\n"
+    assert bytes_needed(first, LIMITS) is None
+    whole = first + b"\r\n"
+    assert bytes_needed(whole, LIMITS, scanned=len(first)) == len(whole)
+    three = b"GET / HTTP/1.1\r\nHost: x\r\n\r"  # the end split after its first CR
+    assert bytes_needed(three + b"\n", LIMITS, scanned=len(three)) == len(three) + 1
+
+
 def test_body_over_the_buffer_is_streamed():
     limits = EdgeLimits(buffer_body=100)
     assert bytes_needed(HEAD + b"Content-Length: 100\r\n\r\n", limits) > 0

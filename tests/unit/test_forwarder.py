@@ -171,6 +171,32 @@ def test_invalid_answer_head_is_502_and_the_connection_is_closed(harness, name):
         assert len(up.connections) == 2
 
 
+@pytest.mark.parametrize(
+    "last",
+    [
+        b"X-A: a\x01b\r\n\r\n",
+        b"Set-Cookie: a=1\rInjected: x\r\n\r\n",
+        b"X-A: a\x00\r\n\r\n",
+        b"X-A: a\x01\n\n",  # bare LF line ends: the bad byte is right before the end
+    ],
+    ids=["control char", "bare CR", "NUL", "LF endings"],
+)
+def test_bad_byte_in_the_last_header_line_is_caught_too(harness, last):
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + last + b"ok"
+    with RawUpstream([Reply(head)]) as up:
+        error, _ = harness([up.url]).fail()
+        assert isinstance(error, UpstreamProtocolError), error
+
+
+def test_transfer_encoding_given_twice_is_refused(harness):
+    # Two Transfer-Encoding lines, even both "chunked", are a list of codings (RFC 9112
+    # 6.1): "chunked, chunked" is not a framing a proxy may guess at.
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n"
+    with RawUpstream([Reply(head + b"\r\n2\r\nok\r\n0\r\n\r\n")]) as up:
+        error, _ = harness([up.url]).fail()
+        assert isinstance(error, UpstreamProtocolError), error
+
+
 def test_head_split_across_reads_is_checked_too(harness):
     head = b"HTTP/1.1 200 OK\r\nX-Pad: " + b"p" * 20000 + b"\r\nSet-Cookie: a=1\rX: y\r\n"
     with RawUpstream([Reply(head + b"Content-Length: 0\r\n\r\n", drip=0.01, drip_size=4096)]) as up:
@@ -484,3 +510,66 @@ def test_unreadable_ca_file_is_a_tls_error_not_a_500(harness, tmp_path):
     error, exchange = h.fail()
     assert error.status == 502 and error.code == "upstream_tls_error"
     assert "missing.pem" in error.message and exchange.error_kind == "upstream_tls_error"
+
+
+# -- small bodies, HEAD and no-body answers ------------------------------------------------
+
+
+def test_small_gzip_body_is_relayed_byte_for_byte(harness):
+    import gzip
+
+    packed = gzip.compress(b"hello " * 50)
+    answer = ok(packed, b"Content-Encoding: gzip\r\n")
+    with RawUpstream([Reply(answer), Reply(ok(b"next"))]) as up:
+        h = harness([up.url])
+        status, _headers, body, exchange = h.send()
+        assert (status, body) == (200, packed)  # never decoded
+        assert exchange.status == 200 and exchange.response_bytes == len(packed)
+        assert h.send()[2] == b"next" and len(up.connections) == 1  # pooled after
+
+
+@pytest.mark.parametrize(
+    ("method", "answer"),
+    [
+        ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"),
+        ("GET", b"HTTP/1.1 204 No Content\r\n\r\n"),
+        ("GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 99\r\n\r\n"),
+    ],
+)
+def test_answers_without_a_body_keep_the_connection_in_step(harness, method, answer):
+    with RawUpstream([Reply(answer), Reply(ok(b"second"))]) as up:
+        h = harness([up.url])
+        status, headers, body, exchange = h.send(method)
+        assert body == b"" and status == exchange.status == int(answer[9:12])
+        if method == "HEAD":
+            assert dict(headers)["Content-Length"] == "1234"  # the length is kept
+        assert h.send()[2] == b"second"
+        assert len(up.connections) == 1  # the connection went back to the pool
+
+
+def test_small_body_that_stalls_is_a_504_and_one_cut_short_a_502(harness):
+    stalled = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabcde"
+    with RawUpstream([Reply(stalled, then="stall", stall=3)]) as up:
+        error, exchange = harness([up.url], idleTimeout="300ms").fail()
+        assert isinstance(error, UpstreamTimeout) and error.status == 504
+        assert exchange.error_kind == "upstream_timeout" and exchange.status == 200
+    with RawUpstream([Reply(stalled, then="close")]) as up:
+        error, exchange = harness([up.url]).fail()
+        assert type(error) is UpstreamError and error.status == 502
+        assert exchange.error_kind == "body_interrupted"
+        assert error.details["target"] == exchange.target
+
+
+def test_body_of_exactly_the_small_size_is_read_whole(harness):
+    from odin_gw.proxy.forwarder import SMALL_BODY
+
+    body = b"s" * SMALL_BODY
+    with RawUpstream([Reply(ok(body))]) as up:
+        env = harness([up.url])
+        e = env.environ()
+        response = env.forwarder.forward(e, env.route, Exchange(e))
+        try:
+            assert isinstance(response.response, list)  # buffered, not streamed
+            assert b"".join(response.response) == body
+        finally:
+            response.close()

@@ -58,3 +58,23 @@ def test_policy_is_a_shared_value():
     assert policy.others == 1  # untouched: each request holds its own successor
     with pytest.raises(AttributeError):
         policy.others = 3  # type: ignore[misc]
+
+
+def test_each_retry_uses_exactly_one_of_the_services_retries():
+    # Two resets, then a connect failure, with retries: 3 -> the fourth failure gives up.
+    policy = RetryPolicy(others=3)
+    first = policy.after(Failure.RESET, "GET", True)
+    assert first is not None and first.others == 2 and first.stale == 1
+    second = first.after(Failure.RESET, "GET", True)
+    assert second is not None and second.others == 1
+    third = second.after(Failure.CONNECT, "GET", True)
+    assert third is not None and third.others == 0
+    assert third.after(Failure.RESET, "GET", True) is None
+    assert third.after(Failure.CONNECT, "GET", True) is None
+
+
+def test_stale_retries_count_down_by_one():
+    policy = RetryPolicy(others=0, stale=2)
+    once = policy.after(Failure.STALE, "GET", True)
+    assert once is not None and once.stale == 1
+    assert once.after(Failure.STALE, "GET", True) is not None

@@ -124,3 +124,45 @@ def test_forwarded_parsing_respects_quotes():
     value = 'for="a,b;c";by=x, For=1.2.3.4;host="h;1"'
     assert forwarded_for(value) == ["a,b;c", "1.2.3.4"]
     assert forwarded_last(value) == {"for": "1.2.3.4", "host": "h;1"}
+
+
+def test_only_the_nearest_proxys_word_counts_in_list_headers():
+    decided = trust("10.0.0.0/8").decide(
+        env(x_forwarded_proto="https, http, https", x_forwarded_host="a, b, c.example")
+    )
+    assert decided.proto == "https" and decided.host == "c.example"
+
+
+def test_forwarded_supplies_what_x_forwarded_headers_leave_out():
+    both = "for=1.1.1.1;proto=http;host=first, for=2.2.2.2;proto=https;host=second.example"
+    # Proto from X-Forwarded-Proto, host from Forwarded's nearest element.
+    decided = trust("10.0.0.0/8").decide(env(forwarded=both, x_forwarded_proto="http"))
+    assert decided.proto == "http" and decided.host == "second.example"
+    decided = trust("10.0.0.0/8").decide(env(forwarded=both, x_forwarded_host="h.example"))
+    assert decided.proto == "https" and decided.host == "h.example"
+    three = f"{both}, for=3.3.3.3;proto=http;host=third"
+    assert forwarded_last(three) == {"for": "3.3.3.3", "proto": "http", "host": "third"}
+
+
+def test_missing_peer_address_is_never_trusted():
+    assert trust("0.0.0.0/0").decide({"HTTP_X_FORWARDED_FOR": "1.2.3.4"}) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1.2.3.4:8080", "1.2.3.4"),
+        ("[2001:db8::1]:443", "2001:db8::1"),
+        ("[2001:db8::1", None),
+        ("[]", None),
+        ('"1.2.3.4"', "1.2.3.4"),
+    ],
+)
+def test_parse_address_with_ports_and_brackets(text, expected):
+    addr = parse_address(text)
+    assert (str(addr) if addr else None) == expected
+
+
+def test_forwarded_for_values_keep_what_follows_the_first_equals():
+    assert forwarded_for('for="_a=b", for=1.2.3.4') == ["_a=b", "1.2.3.4"]
+    assert forwarded_last("for=1.2.3.4;host=a=b") == {"for": "1.2.3.4", "host": "a=b"}
