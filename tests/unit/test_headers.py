@@ -233,3 +233,50 @@ def test_unsafe_paths(path):
 )
 def test_safe_paths(path):
     assert not unsafe_path(path)
+
+
+@pytest.mark.parametrize("path", ["/a/..;x;y/admin", "/a/.;x;y", "/a/..;;/b"])
+def test_dot_segments_with_several_parameters_are_unsafe(path):
+    assert unsafe_path(path)
+
+
+def test_connection_tokens_without_spaces_are_dropped_both_ways():
+    env = environ(connection="keep-alive,X-Hop-A,x-hop-b", x_hop_a="1", x_hop_b="2", x_end="3")
+    assert dict(upstream_headers(env, frozenset())) == {"X-End": "3"}
+    kept = response_headers([("Connection", "close,X-Hop"), ("X-Hop", "1"), ("X-End", "2")])
+    assert kept == [("X-End", "2")]
+
+
+def test_outbound_header_get_is_case_insensitive():
+    h = OutboundHeaders()
+    h["X-API-Key"] = "secret"
+    assert h.get("x-api-key") == "secret" and h.get("X-Api-Key", "d") == "secret"
+    assert h.get("X-Other") is None and h.get("X-Other", "d") == "d"
+    assert h.pop("x-API-key") == "secret" and "X-API-Key" not in h and len(h) == 0
+    h.update({"A": "1"}, b="2")
+    h.setdefault("a", "ignored")
+    assert dict(h) == {"A": "1", "b": "2"}
+
+
+@pytest.mark.parametrize("size", [1, 65536, 65537, 300_000])
+def test_request_body_reaches_the_upstream_whole(size):
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    env = request_env()
+    env.update({"REQUEST_METHOD": "POST", "CONTENT_LENGTH": str(size)})
+    env["wsgi.input"] = io.BytesIO(data)
+    out, _ = build(env)
+    body = out.body if isinstance(out.body, bytes) else b"".join(out.body)
+    assert body == data and out.headers["Content-Length"] == str(size)
+    assert out.replayable is (size <= 65536) and not out.chunked
+
+
+def test_request_body_cut_short_is_a_client_disconnect():
+    from odin_gw.errors import ClientDisconnected
+
+    for size in (100, 200_000):
+        env = request_env()
+        env.update({"REQUEST_METHOD": "POST", "CONTENT_LENGTH": str(size)})
+        env["wsgi.input"] = io.BytesIO(b"y" * (size // 2))
+        with pytest.raises(ClientDisconnected, match=f"of {size}"):
+            out, _ = build(env)
+            b"".join(out.body)
