@@ -26,6 +26,8 @@ def exchange(path: str, method: str = "GET", client: str = "192.0.2.7") -> Excha
         ("/\x00\x1b\x7f", "/\\x00\\x1B\\x7F"),
         ("/caf\xc3\xa9", "/caf\\xC3\\xA9"),  # PATH_INFO holds bytes as Latin-1
         ("/\u2028", "/\\xE2\\x80\\xA8"),
+        ("/\xff\u0100", "/\\xFF\\xC4\\x80"),  # the last Latin-1 byte, the first beyond
+        ("/\ud800", "/\\xED\\xA0\\x80"),  # a lone surrogate still becomes bytes
     ],
 )
 def test_escape_like_nginx(text, expected):
