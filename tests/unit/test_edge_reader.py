@@ -132,3 +132,57 @@ def test_other_answers_pass_through():
 
     assert wsgi_call(app, u) == ([("200 OK", [])], b"fine")
     assert wsgi_call(app, None) == ([("200 OK", [])], b"fine")
+
+
+def _trickle(sock, piece: bytes, every: float, until: float) -> None:
+    while time.monotonic() < until:
+        try:
+            sock.sendall(piece)
+        except OSError:
+            return
+        time.sleep(every)
+
+
+def _body_reader(rate: float, grace: float):
+    import socket
+    import threading
+
+    ours, theirs = socket.socketpair()
+    ours.settimeout(None)
+    limits = EdgeLimits(header_timeout=5, min_rate=MinRate(rate, grace))
+    reports: list = []
+    u = EdgeUnreader(ours, limits, lambda phase, detail: reports.append(phase))
+    u.prime(b"", time.monotonic() + 5)
+    u.begin_body(Request())
+    return u, ours, theirs, reports, threading
+
+
+@pytest.mark.parametrize(
+    ("piece", "trips"),
+    [(b"x" * 100, False), (b"x" * 10, True)],  # 2000 B/s is fine; 200 B/s is too slow
+    ids=["fast enough", "too slow"],
+)
+def test_the_minimum_rate_counts_every_byte_and_every_wait(piece, trips):
+    u, ours, theirs, reports, threading = _body_reader(rate=1000, grace=0.2)
+    until = time.monotonic() + 1.2
+    sender = threading.Thread(target=_trickle, args=(theirs, piece, 0.05, until), daemon=True)
+    sender.start()
+    got = 0
+    tripped = None
+    started = time.monotonic()
+    try:
+        while time.monotonic() < until - 0.1:
+            got += len(u.chunk())
+    except BodyTooSlow as exc:
+        tripped = exc
+    took = time.monotonic() - started
+    theirs.close()
+    sender.join(timeout=2)
+    ours.close()
+    if trips:
+        assert tripped is not None and u.too_slow and reports == ["body"]
+        assert 0.15 < took < 0.8  # about the grace period: waited > max(grace, got/rate)
+        assert "1000 bytes/s" in tripped.message
+    else:
+        assert tripped is None and not reports
+        assert u.received == got > 1000  # every byte counted
