@@ -27,7 +27,7 @@ from collections.abc import MutableMapping
 import requests
 from requests.adapters import BaseAdapter
 from urllib3 import BaseHTTPResponse, HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connection import HTTPConnection, HTTPSConnection, _ResponseOptions
 from urllib3.exceptions import ClosedPoolError, HTTPError, InvalidHeader
 from urllib3.util import SKIP_HEADER, create_urllib3_context
 from werkzeug.datastructures import Headers
@@ -367,23 +367,27 @@ def open_response(
                 raise ConnectFailed(str(exc)) from exc
         conn.timeout = idle_timeout  # each send of the request
         conn.reader = None
-        # A proxy adds no User-Agent or Accept-Encoding of its own (neither nginx nor
-        # Envoy does); urllib3 and http.client would, unless told to skip them.
-        if "user-agent" not in headers:
-            headers["User-Agent"] = SKIP_HEADER
-        if "accept-encoding" not in headers:
-            headers["Accept-Encoding"] = SKIP_HEADER
         sent_error = None
         try:
-            conn.request(
-                method,
-                target,
-                body=body,
-                headers=headers,
-                chunked=chunked,
-                preload_content=False,
-                decode_content=False,
-            )
+            if not chunked and (body is None or isinstance(body, bytes)):
+                send_head(conn, method, target, headers, body)
+            else:
+                # A streamed body: urllib3 sends it; the head's cost is small beside it.
+                # A proxy adds no User-Agent or Accept-Encoding of its own (neither nginx
+                # nor Envoy does); urllib3 and http.client would, unless told to skip them.
+                if "user-agent" not in headers:
+                    headers["User-Agent"] = SKIP_HEADER
+                if "accept-encoding" not in headers:
+                    headers["Accept-Encoding"] = SKIP_HEADER
+                conn.request(
+                    method,
+                    target,
+                    body=body,
+                    headers=headers,
+                    chunked=chunked,
+                    preload_content=False,
+                    decode_content=False,
+                )
         except _SEND_FAILED as exc:
             # The upstream may have answered and closed before reading all of the body
             # (a 401 or 413 to an upload): read that answer, as nginx does.
@@ -428,6 +432,55 @@ def open_response(
     conn.home = pool
     response._connection = conn
     return response
+
+
+# urllib3 sends a zero length for other methods without a body; so does the fast path.
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "TRACE", "OPTIONS", "CONNECT"})
+
+
+def send_head(conn, method: str, target: str, headers, body: bytes | None) -> None:
+    """Send a request whose body is ``None`` or ``bytes``: what ``conn.request`` does,
+    at a fifth of its cost.
+
+    urllib3's ``request`` runs two Python-level checks and a generator per header (about
+    22 µs for a dozen headers); here the header block is formatted in one pass and
+    checked once, in C, for the same things http.client refuses: CR or LF inside a name
+    or value (a header injected upstream) and other control characters but HTAB. The
+    request line goes through ``putrequest``, which validates method and target and
+    moves http.client's state machine, and ``endheaders`` sends the head in one write;
+    ``getresponse`` then works as after ``request`` (``_response_options`` is what
+    urllib3's ``request`` would have set: pinned in tests/unit/test_transport.py). No
+    User-Agent or Accept-Encoding is added.
+    """
+    lines = [f"{name}: {value}" for name, value in headers.items()]
+    if "content-length" not in headers:
+        if body is not None:
+            lines.append(f"Content-Length: {len(body)}")
+        elif method not in _NO_BODY_METHODS:
+            lines.append("Content-Length: 0")
+    block = "\r\n".join(lines).encode("latin-1")
+    breaks = len(lines) - 1
+    if (
+        block.count(b"\r") != breaks
+        or block.count(b"\n") != breaks
+        or block.count(b"\r\n") != breaks
+        or _CONTROL.search(block) is not None
+    ):
+        raise ValueError("a request header contains CR, LF or another control character")
+    conn._response_options = _ResponseOptions(
+        request_method=method,
+        request_url=target,
+        preload_content=False,
+        decode_content=False,
+        enforce_content_length=True,
+    )
+    conn.sock.settimeout(conn.timeout)
+    conn.putrequest(method, target, skip_host="host" in headers, skip_accept_encoding=True)
+    if lines:
+        conn._buffer.append(block)
+    conn.endheaders()
+    if body:
+        conn.send(body)
 
 
 def release(response: BaseHTTPResponse) -> None:

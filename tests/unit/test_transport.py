@@ -320,3 +320,102 @@ def test_new_material_mounts_a_new_adapter_and_closes_the_old(pki):
     assert old.closed
     assert isinstance(session, requests.Session)
     session.close()
+
+
+# -- send_head: urllib3's request() without its per-header cost ------------------------
+
+
+def _connection_on_a_socketpair():
+    ours, theirs = socket.socketpair()
+    conn = UpstreamHTTPConnection("127.0.0.1", 9)
+    conn.sock = ours
+    conn.timeout = 5
+    theirs.settimeout(5)
+    return conn, theirs
+
+
+def _wire(theirs, at_least: int) -> bytes:
+    got = b""
+    while b"\r\n\r\n" not in got or len(got) < at_least:
+        got += theirs.recv(65536)
+    return got
+
+
+def test_pin_send_head_puts_the_same_request_on_the_wire_as_urllib3():
+    from urllib3.util import SKIP_HEADER
+
+    from odin_gw.proxy.headers import OutboundHeaders
+    from odin_gw.proxy.transport import send_head
+
+    headers = OutboundHeaders()
+    for name, value in (("Host", "svc:80"), ("X-A", "1\t2"), ("Content-Length", "3")):
+        headers[name] = value
+    fast, fast_peer = _connection_on_a_socketpair()
+    send_head(fast, "POST", "/p?q=%20", headers, b"abc")
+    slow, slow_peer = _connection_on_a_socketpair()
+    skipped = dict(headers, **{"User-Agent": SKIP_HEADER, "Accept-Encoding": SKIP_HEADER})
+    slow.request("POST", "/p?q=%20", body=b"abc", headers=skipped, preload_content=False)
+    sent = _wire(fast_peer, 0)
+    assert sent == _wire(slow_peer, 0)
+    assert sent.startswith(b"POST /p?q=%20 HTTP/1.1\r\nHost: svc:80\r\nX-A: 1\t2\r\n")
+    assert sent.endswith(b"\r\n\r\nabc")
+    # http.client and urllib3 are ready for the answer, as after request().
+    fast_peer.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+    answer = fast.getresponse()
+    assert answer.status == 201 and answer.read() == b"ok"
+    for sock in (fast_peer, slow_peer, fast.sock, slow.sock):
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "length"),
+    [
+        ("POST", b"Content-Length: 0"),
+        ("PATCH", b"Content-Length: 0"),
+        ("GET", None),
+        ("DELETE", None),
+    ],
+)
+def test_send_head_gives_a_length_to_bodiless_methods_that_expect_one(method, length):
+    from odin_gw.proxy.headers import OutboundHeaders
+    from odin_gw.proxy.transport import send_head
+
+    conn, peer = _connection_on_a_socketpair()
+    headers = OutboundHeaders()
+    headers["Host"] = "h"
+    send_head(conn, method, "/", headers, None)
+    sent = _wire(peer, 0)
+    assert (b"Content-Length" in sent) is (length is not None)
+    if length:
+        assert length in sent
+    assert b"User-Agent" not in sent and b"Accept-Encoding" not in sent
+    peer.close()
+    conn.sock.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("X-A", "a\r\nInjected: 1"),
+        ("X-A", "a\nb"),
+        ("X-A", "a\rb"),
+        ("X-A", "a\x00b"),
+        ("X-B\r\nX-C", "v"),
+        ("X-A", "\x7f"),
+    ],
+)
+def test_send_head_refuses_line_breaks_and_control_characters(name, value):
+    from odin_gw.proxy.headers import OutboundHeaders
+    from odin_gw.proxy.transport import send_head
+
+    conn, peer = _connection_on_a_socketpair()
+    headers = OutboundHeaders()
+    headers["Host"] = "h"
+    headers[name] = value
+    with pytest.raises(ValueError, match="control character"):
+        send_head(conn, "GET", "/", headers, None)
+    peer.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        peer.recv(1)  # nothing was sent
+    peer.close()
+    conn.sock.close()
