@@ -8,6 +8,7 @@ import os
 from flask import Flask, jsonify, request
 from flask.sessions import NullSession, SessionInterface
 
+from . import master_state
 from .accesslog import configure_logging, escape
 from .config import GatewayConfig, load_config
 from .errors import GatewayError
@@ -23,9 +24,17 @@ def create_app(config: GatewayConfig | str | None = None, *, start: bool = True)
     """Build the gateway app.
 
     ``config`` is a loaded :class:`GatewayConfig`, a path, or ``None`` for the path in
-    ``ODIN_CONFIG`` (default ``config.yaml``). Raises :class:`ConfigError` on a bad file.
-    ``start`` starts mesh discovery threads (tests of pure routing pass ``False``).
+    ``ODIN_CONFIG`` (default ``config.yaml``); under gunicorn ``None`` means the
+    configuration the master validated (:mod:`odin_gw.master_state`, inherited through
+    fork), so a file edited but not yet reloaded (or refused on reload) is not what a new
+    worker runs. Raises :class:`ConfigError` on a
+    bad file. ``start`` starts mesh discovery threads (tests of pure routing pass
+    ``False``); an app preloaded in the gunicorn master never starts them there (the
+    ``post_worker_init`` hook does, in each worker).
     """
+    if config is None:
+        # Under gunicorn: the configuration the master validated, inherited through fork.
+        config = master_state.LAST_GOOD.get("config")
     if not isinstance(config, GatewayConfig):
         config = load_config(config or os.environ.get("ODIN_CONFIG", "config.yaml"))
     configure_logging(config.logging)
@@ -58,7 +67,7 @@ def create_app(config: GatewayConfig | str | None = None, *, start: bool = True)
     app.register_error_handler(404, _not_found)
     app.register_error_handler(405, _method_not_allowed)
     app.register_error_handler(Exception, _unexpected)
-    if start:
+    if start and os.environ.get("ODIN_GUNICORN_MASTER_PID") != str(os.getpid()):
         gateway.start()
     return app
 

@@ -77,7 +77,9 @@ class Gateway:
                 service = route.static
             active, dc = service.active()
             views[route.name] = (service, active, dc)
-            keys.update(e.key for e in service.endpoints)
+            route_keys = {e.key for e in service.endpoints}
+            route.health.prune(route_keys)  # targets that left: forget their failures
+            keys.update(route_keys)
         self._views = MappingProxyType(views)
         self.session.adapter.retain(keys)
 

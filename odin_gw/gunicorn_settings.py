@@ -7,15 +7,27 @@ package needs no checkout; the checkout's ``gunicorn.conf.py`` re-exports it for
 
 The config file (``ODIN_CONFIG``, default ``config.yaml``) is validated here, in the
 master, so a bad file stops gunicorn before any worker starts, with the same messages as
-``odin-gw check-config``.
+``odin-gw check-config``. On a reload (``SIGHUP``) a bad file is logged with those
+messages and the running configuration stays: the previous settings are kept, and the
+workers gunicorn starts for the reload get the previous configuration (workers use the
+master's validated copy, inherited through fork in :mod:`odin_gw.master_state`, so what
+runs is what the master validated; no secret travels in the environment).
+
+Hooks: ``when_ready``/``pre_fork`` export the addresses gunicorn really bound as
+``ODIN_BIND`` (the state dir is keyed on them: ``-b`` wins over ``server.port``) and
+``when_ready`` checks the state dir once, in the master, refusing to start with one clear
+message when it is unsafe. With ``--preload`` the app is built in the master but its mesh
+threads start in each worker (``post_worker_init``), never in the master.
 """
 
+import glob
 import os
 import shutil
 import sys
 import tempfile
 
-from odin_gw.config import ConfigError, load_config
+from odin_gw import master_state
+from odin_gw.config import ConfigError, load_config, parse_config
 
 __all__ = [
     "accesslog",
@@ -32,10 +44,13 @@ __all__ = [
     "limit_request_line",
     "loglevel",
     "on_starting",
+    "post_worker_init",
+    "pre_fork",
     "proc_name",
     "secure_scheme_headers",
     "threads",
     "timeout",
+    "when_ready",
     "worker_class",
     "worker_exit",
     "workers",
@@ -49,11 +64,38 @@ WORKER_CLASSES = {
 }
 
 _path = os.environ.get("ODIN_CONFIG", "config.yaml")
+# Set in the master by its first read: a later read in the same process is a reload, and
+# an app built in this process is a preloaded one (its threads start after fork).
+_reload = os.environ.get("ODIN_GUNICORN_MASTER_PID") == str(os.getpid())
+os.environ["ODIN_GUNICORN_MASTER_PID"] = str(os.getpid())
+
+
+def _load(path):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError:
+        return load_config(path), None  # raises ConfigError with the usual message
+    return parse_config(text, source=path), text
+
+
 try:
-    _cfg = load_config(_path)
+    _cfg, _text = _load(_path)
 except ConfigError as _exc:
-    sys.stderr.write(f"odin-gw: {_exc}\n")
-    sys.exit(2)
+    _problems = "\n".join(f"  {p}" for p in _exc.problems)
+    if not (_reload and master_state.LAST_GOOD):
+        sys.stderr.write(f"odin-gw: {_exc}\n")
+        sys.exit(2)
+    sys.stderr.write(
+        f"odin-gw: reload refused, the running configuration stays: {_path}: "
+        f"invalid configuration\n{_problems}\n"
+    )
+    sys.stderr.flush()
+    _cfg, _text = master_state.LAST_GOOD["config"], master_state.LAST_GOOD["text"]
+else:
+    if _reload:
+        sys.stderr.write(f"odin-gw: configuration {_path} reloaded\n")
+    master_state.LAST_GOOD.update(path=_path, text=_text, config=_cfg)
 
 _server = _cfg.server
 
@@ -84,18 +126,81 @@ secure_scheme_headers = {}
 
 # prometheus-client multi-process mode: must be set before any worker imports it.
 _metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.path.join(
-    tempfile.gettempdir(), f"odin-gw-{_server.port}-metrics"
+    tempfile.gettempdir(), f"odin-gw-{_server.port}-{os.geteuid()}-metrics"
 )
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+#: In a metrics dir the gateway created itself; only such a dir is ever emptied whole.
+METRICS_MARKER = ".odin-gw-metrics"
+
+
+def _prepare_metrics_dir():
+    """Start with no samples of a previous run, never deleting a directory not ours.
+
+    Runs at the master's first read of this file: before ``--preload`` builds the app.
+    """
+    marker = os.path.join(_metrics_dir, METRICS_MARKER)
+    if os.path.isfile(marker) and not os.path.islink(_metrics_dir):
+        shutil.rmtree(_metrics_dir, ignore_errors=True)
+    elif os.path.lexists(_metrics_dir):
+        # Someone else's directory: remove only prometheus-client's sample files.
+        stale = glob.glob(os.path.join(_metrics_dir, "*_*.db"))
+        for path in stale:
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                sys.stderr.write(f"odin-gw: metrics: cannot remove old samples {path}: {exc}\n")
+        return
+    os.makedirs(_metrics_dir, mode=0o700, exist_ok=True)
+    with open(marker, "w") as fh:
+        fh.write("created by odin-gw; emptied at each start\n")
+
+
+if not _reload:
+    _prepare_metrics_dir()
 
 
 def on_starting(server):
-    # Samples of a previous run would be added to this one's: start empty.
-    shutil.rmtree(_metrics_dir, ignore_errors=True)
-    os.makedirs(_metrics_dir, exist_ok=True)
     for notice in _cfg.notices:
         server.log.warning("config: %s", notice)
     os.environ["ODIN_NOTICES_LOGGED"] = "1"  # workers need not repeat them
+
+
+def _export_binds(server):
+    os.environ["ODIN_BIND"] = ",".join(sorted(str(lnr) for lnr in server.LISTENERS))
+
+
+def when_ready(server):
+    _export_binds(server)
+    from odin_gw.mesh.manager import state_dir_for
+    from odin_gw.mesh.state import StateDirError, check_private_dir
+
+    path = state_dir_for(_cfg, _path)
+    if path is None:
+        return
+    try:
+        check_private_dir(path)
+    except StateDirError as exc:
+        # gunicorn prints a RuntimeError as one "Error: ..." line and exits 1.
+        raise RuntimeError(f"odin-gw: {exc}") from None
+    server.log.info("mesh state dir %s", path)
+
+
+def pre_fork(server, worker):
+    _export_binds(server)  # a reload may have changed the listeners
+
+
+def post_worker_init(worker):
+    # With --preload the app was built in the master without starting its mesh threads
+    # (threads do not survive fork): start them here, in the worker. Otherwise a no-op.
+    gateway = _gateway_of(worker)
+    if gateway is not None:
+        gateway.start()
+
+
+def _gateway_of(worker):
+    app = getattr(worker, "wsgi", None)
+    app = getattr(app, "__wrapped__", app)  # the edge worker wraps the app
+    return getattr(app, "extensions", {}).get("odin") if app is not None else None
 
 
 def child_exit(server, worker):
@@ -105,9 +210,7 @@ def child_exit(server, worker):
 
 
 def worker_exit(server, worker):
-    app = getattr(worker, "wsgi", None)
-    app = getattr(app, "__wrapped__", app)  # the edge worker wraps the app
-    gateway = getattr(app, "extensions", {}).get("odin") if app is not None else None
+    gateway = _gateway_of(worker)
     if gateway is not None:
         gateway.stop()
 

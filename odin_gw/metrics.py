@@ -18,6 +18,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as prom_mp
+from prometheus_client.mmap_dict import MmapedDict
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
@@ -76,6 +77,12 @@ class GatewayMetrics:
             **kw,
             **({"multiprocess_mode": "livemin"} if self.multiprocess else {}),
         )
+        self.leader_stale = Gauge(
+            "odin_mesh_leader_stale",
+            "1 while a worker sees the discovery leader's heartbeat older than the limit",
+            **kw,
+            **gauge_mode,
+        )
         self.cert_expiry = Gauge(
             "odin_mesh_certificate_expiry_timestamp_seconds",
             "notAfter of the gateway's mesh client certificate (Unix time)",
@@ -114,7 +121,32 @@ class GatewayMetrics:
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
+#: Sample files whose values add up across processes (prometheus-client's naming).
+ADDITIVE_TYPES = ("counter", "histogram", "summary")
+
+
 def mark_process_dead(pid: int) -> None:
-    """gunicorn ``child_exit`` hook: drop a dead worker's live gauges."""
-    if multiprocess_dir():
-        prom_mp.mark_process_dead(pid)
+    """gunicorn ``child_exit`` hook: remove a dead worker's sample files.
+
+    prometheus-client's ``mark_process_dead`` only removes live gauges; counters and
+    histograms of dead workers would pile up (one file each, forever, with worker
+    recycling). Their values are added into ``<type>_archive.db`` (the collector reads
+    any ``<type>_*.db``), so totals never go backwards, and the worker's file goes.
+    Runs in the master only, one worker at a time.
+    """
+    path = multiprocess_dir()
+    if not path:
+        return
+    prom_mp.mark_process_dead(pid, path)
+    for typ in ADDITIVE_TYPES:
+        dead = os.path.join(path, f"{typ}_{pid}.db")
+        if not os.path.exists(dead):
+            continue
+        archive = MmapedDict(os.path.join(path, f"{typ}_archive.db"))
+        try:
+            for key, value, timestamp, _pos in MmapedDict.read_all_values_from_file(dead):
+                old, _ = archive.read_value(key)
+                archive.write_value(key, old + value, timestamp)
+        finally:
+            archive.close()
+        os.unlink(dead)

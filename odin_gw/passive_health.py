@@ -48,6 +48,12 @@ class PassiveHealth:
         if key in self._states:
             self._states.pop(key, None)
 
+    def prune(self, keep: set[str] | frozenset[str]) -> None:
+        """Forget targets not in ``keep`` (they left discovery): the state would otherwise
+        grow with every instance ever seen, and a returning address would start ejected."""
+        for key in [k for k in self._states if k not in keep]:
+            self._states.pop(key, None)
+
     def status(self, key: str) -> dict[str, object]:
         """Admin view of one target: ``{"ejected": bool, "ejectedFor": seconds}``."""
         state = self._states.get(key)

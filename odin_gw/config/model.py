@@ -107,6 +107,7 @@ class ConsulConfig:
     datacenter: str | None = None
     datacenters: tuple[str, ...] = ()
     token: str | None = None
+    token_file: str | None = None
     namespace: str | None = None
     enable_connect: bool = False
     service_name: str = "odin-gateway"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from urllib.parse import urlsplit
 
 from marshmallow import (
@@ -295,6 +296,7 @@ class ConsulSchema(Section):
     datacenter = fields.String(load_default=None, allow_none=True)
     datacenters = fields.List(fields.String(validate=validate.Length(min=1)), load_default=list)
     token = fields.String(load_default=None, allow_none=True)
+    token_file = fields.String(data_key="tokenFile", load_default=None, allow_none=True)
     namespace = fields.String(load_default=None, allow_none=True)
     enable_connect = fields.Boolean(data_key="enableConnect", load_default=False)
     service_name = fields.String(data_key="serviceName", load_default="odin-gateway")
@@ -316,6 +318,17 @@ class ConsulSchema(Section):
         wait = data.get("blocking_wait")
         if wait is not None and wait > 600:
             raise ValidationError("Consul caps blocking waits at 10m", "blockingWait")
+        token_file = data.get("token_file")
+        if token_file:
+            if data.get("token"):
+                raise ValidationError("set consul.token or consul.tokenFile, not both", "tokenFile")
+            if data.get("forward_token"):
+                raise ValidationError(
+                    "forwardToken sends consul.token; it is not available with tokenFile",
+                    "forwardToken",
+                )
+            if not os.access(token_file, os.R_OK) or not os.path.isfile(token_file):
+                raise ValidationError(f"cannot read {token_file!r}", "tokenFile")
         dcs = data.get("datacenters") or []
         if len(set(dcs)) != len(dcs):
             raise ValidationError("a datacenter is listed twice", "datacenters")
@@ -329,6 +342,7 @@ class ConsulSchema(Section):
     def build(self, data, **kwargs):
         data["datacenters"] = tuple(data["datacenters"])
         data["token"] = data["token"] or None
+        data["token_file"] = data["token_file"] or None
         if data["datacenters"] and not data["datacenter"]:
             data["datacenter"] = data["datacenters"][0]
         return model.ConsulConfig(**data)

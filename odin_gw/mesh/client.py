@@ -19,12 +19,15 @@ class Discovery:
     answer said do not exist (only these may be removed from a snapshot); ``errors``
     the services it could not ask about, with why. ``catalog`` is every service name the
     registry listed, when the answer included a listing (``None``: it did not).
+    ``stamps`` orders answers per service: a service whose stamp is lower than one
+    already applied was merged before it and is dropped (never replace newer with older).
     """
 
     services: dict[str, ServiceEndpoints] = field(default_factory=dict)
     absent: frozenset[str] = frozenset()
     errors: dict[str, str] = field(default_factory=dict)
     catalog: tuple[str, ...] | None = None
+    stamps: dict[str, int] = field(default_factory=dict)
 
 
 Publish = Callable[[Discovery], None]

@@ -21,17 +21,20 @@ from urllib.parse import urlsplit
 import consul
 import requests
 from consul.callback import CB
+from requests.adapters import HTTPAdapter
 
 from .. import __version__
 from ..config.model import ConsulConfig, MeshConfig
 from ..errors import MeshError
 from .client import Discovery, Publish, PublishTls
-from .snapshot import Endpoint, ServiceEndpoints
+from .snapshot import Endpoint, ServiceEndpoints, Snapshot
 from .tls import TlsMaterial
 
 log = logging.getLogger("odin_gw.mesh.consul")
 
 MAX_BACKOFF = 30.0
+#: requests' default pool size; grown to the number of concurrent calls (watches).
+DEFAULT_POOL = 10
 
 
 class ConsulClient:
@@ -56,15 +59,40 @@ class ConsulClient:
             verify=verify,
             connections_timeout=self.cfg.timeout,
         )
+        # py-consul lets CONSUL_HTTP_TOKEN beat its ``token`` argument; the config decides
+        # here (``token: ${CONSUL_HTTP_TOKEN}`` uses the variable on purpose).
+        self._consul.token = None
+        env_token = os.environ.get("CONSUL_HTTP_TOKEN")
+        if env_token and env_token != (self.cfg.token or ""):
+            log.warning(
+                "CONSUL_HTTP_TOKEN is set in the environment but not used: consul.token or "
+                "consul.tokenFile decide (write token: ${CONSUL_HTTP_TOKEN} to use it)"
+            )
+        self._token_value: str | None = self.cfg.token
+        self._token_stamp: tuple | None = None
+        self._token_problem: str | None = None
+        self._token_lock = threading.Lock()
+        if self.cfg.token_file:
+            self._token()
         session = self._consul.http.session
         session.trust_env = False  # never send the ACL token through an env proxy
         session.headers["User-Agent"] = f"odin-gw/{__version__} (pid {os.getpid()})"
+        self._pool_size = DEFAULT_POOL
         self.datacenters = self.cfg.all_datacenters
         self._trust_domain: str | None = None
         self._trust_known = threading.Event()
-        # (service, dc) -> endpoints from the last good answer; merged across datacenters.
+        # (service, dc) -> endpoints from the last good answer, and the X-Consul-Index it
+        # carried; merged across datacenters. An answer older than the stored one (a full
+        # pass that started before a blocking query returned) never replaces it. ``_gen``
+        # counts accepted changes: it stamps merged views so the manager can drop a view
+        # merged before one it already applied.
         self._answers: dict[tuple[str, str | None], tuple[Endpoint, ...]] = {}
+        self._indexes: dict[tuple[str, str | None], int] = {}
+        self._gen = 0
         self._answers_lock = threading.Lock()
+        # what -> error of every blocking-query loop failing now (carried on every answer,
+        # so one failing datacenter does not make lastError come and go).
+        self._watch_errors: dict[str, str] = {}
 
     # -- one-shot calls ---------------------------------------------------------------
     def _get(
@@ -83,14 +111,15 @@ class ConsulClient:
             params.append(("ns", self.cfg.namespace))
         if index:
             params.append(("index", str(index)))
-            params.append(("wait", f"{int(wait or self.cfg.blocking_wait)}s"))
+            params.append(("wait", go_duration(wait or self.cfg.blocking_wait)))
         where = f"GET {path}" + (f" (dc {dc})" if dc else "")
+        token = self._token()
         try:
             raw_index, data = self._consul.http.get(
                 CB.json(index=True),
                 path,
                 params=params,
-                headers=self._consul.prepare_headers(None),
+                headers={"X-Consul-Token": token} if token else {},
             )
         except consul.ACLPermissionDenied as exc:
             raise MeshError(f"{where}: Consul refused the ACL token (403 {_short(exc)})") from None
@@ -107,6 +136,48 @@ class ConsulClient:
         except (TypeError, ValueError):
             raise MeshError(f"{where}: bad X-Consul-Index {raw_index!r}") from None
         return new_index, data
+
+    def _token(self) -> str | None:
+        """The ACL token: ``consul.token``, or ``consul.tokenFile`` re-read when it changes
+        (a stat per call; a Kubernetes Secret update swaps the file). Never logged."""
+        path = self.cfg.token_file
+        if not path:
+            return self.cfg.token
+        try:
+            st = os.stat(path)
+            stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+            if stamp == self._token_stamp:
+                return self._token_value
+            with self._token_lock:
+                with open(path, encoding="utf-8") as fh:
+                    text = fh.read().strip()
+                if self._token_stamp is not None and text != (self._token_value or ""):
+                    log.info("consul.tokenFile %s changed: using the new ACL token", path)
+                self._token_stamp, self._token_value = stamp, text or None
+                if self._token_problem is not None:
+                    log.info("consul.tokenFile %s readable again", path)
+                    self._token_problem = None
+        except (OSError, UnicodeDecodeError) as exc:
+            problem = f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or 'unreadable'}"
+            if problem != self._token_problem:
+                log.warning(
+                    "consul.tokenFile %s cannot be read (%s); keeping the last token read",
+                    path,
+                    problem,
+                )
+                self._token_problem = problem
+        return self._token_value
+
+    def _ensure_pool(self, calls: int) -> None:
+        """Room for ``calls`` concurrent connections (each watch holds one while it blocks;
+        requests' default of 10 would open and discard connections on every answer)."""
+        if calls <= self._pool_size:
+            return
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=calls)
+        session = self._consul.http.session
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        self._pool_size = calls
 
     def catalog(self, dc: str | None, index: int = 0) -> tuple[int, dict[str, list]]:
         idx, data = self._get("/v1/catalog/services", dc=dc, index=index)
@@ -208,52 +279,119 @@ class ConsulClient:
         """A full pass over every datacenter: catalog, then each service's instances."""
         if self.cfg.enable_connect and self._trust_domain is None:
             self.roots()
-        listed: dict[str | None, set[str]] = {}
+        self._ensure_pool(self._concurrent_calls(services))
+        listed: dict[str | None, tuple[int, set[str]]] = {}
         errors: dict[str, str] = {}
         for dc in self.datacenters:
             try:
-                listed[dc] = set(self.catalog(dc)[1])
+                idx, names = self.catalog(dc)
+                listed[dc] = (idx, set(names))
             except MeshError as exc:
                 errors[f"catalog {dc or 'local'}"] = exc.message
         if not listed:
             raise MeshError("; ".join(errors.values()))
         found: dict[str, ServiceEndpoints] = {}
+        stamps: dict[str, int] = {}
         absent = set()
         for name in services:
             failed = False
-            for dc, names in listed.items():
+            for dc, (cat_index, names) in listed.items():
                 if name not in names:
-                    self._store(name, dc, ())
+                    # Raft indexes are comparable: an instance a blocking query saw
+                    # registered after this listing is not erased by it.
+                    self._store(name, dc, (), cat_index)
                     continue
                 try:
-                    self._store(name, dc, self.instances(name, dc)[1])
+                    idx, endpoints = self.instances(name, dc)
                 except MeshError as exc:
                     errors[name] = exc.message
                     failed = True
+                    continue
+                self._store(name, dc, endpoints, idx)
             if failed:
                 continue
-            if all(name not in names for names in listed.values()) and len(listed) == len(
+            if all(name not in names for _, names in listed.values()) and len(listed) == len(
                 self.datacenters
             ):
                 absent.add(name)
-            found[name] = self._merged(name)
-        catalog = tuple(sorted(set().union(*listed.values())))
-        return Discovery(services=found, absent=frozenset(absent), errors=errors, catalog=catalog)
+            found[name], stamps[name] = self._merged(name)
+        catalog = tuple(sorted(set().union(*(names for _, names in listed.values()))))
+        return Discovery(
+            services=found,
+            absent=frozenset(absent),
+            errors={**self._current_errors(), **errors},
+            catalog=catalog,
+            stamps=stamps,
+        )
 
-    def _store(self, name: str, dc: str | None, endpoints: tuple[Endpoint, ...]) -> bool:
+    def seed(self, snapshot: Snapshot) -> None:
+        """Start from a snapshot (a new leader from the previous leader's file): each
+        datacenter's part of a service stays until that datacenter answers, so the first
+        answer of one datacenter does not wipe the others. Seeded parts carry index 0:
+        any answer replaces them."""
         with self._answers_lock:
-            changed = self._answers.get((name, dc)) != endpoints
-            self._answers[(name, dc)] = endpoints
-            return changed
+            for name, svc in snapshot.services.items():
+                if svc.source != self.name:
+                    continue
+                for dc in self.datacenters:
+                    key = (name, dc)
+                    self._answers[key] = tuple(
+                        e for e in svc.endpoints if dc is None or e.datacenter == dc
+                    )
+                    self._indexes[key] = 0
+            self._gen += 1
 
-    def _merged(self, name: str) -> ServiceEndpoints:
+    def _store(
+        self,
+        name: str,
+        dc: str | None,
+        endpoints: tuple[Endpoint, ...],
+        index: int,
+        reset: bool = False,
+    ) -> bool:
+        """Keep ``endpoints`` unless an answer with a higher index is stored already
+        (``reset``: Consul's index went backwards, this answer wins). True if changed."""
+        key = (name, dc)
+        with self._answers_lock:
+            if not reset and index < self._indexes.get(key, 0):
+                return False
+            self._indexes[key] = index
+            if key in self._answers and self._answers[key] == endpoints:
+                return False
+            self._answers[key] = endpoints
+            self._gen += 1
+            return True
+
+    def _merged(self, name: str) -> tuple[ServiceEndpoints, int]:
+        """The service across datacenters, and the stamp of the answers it was made of."""
         with self._answers_lock:
             endpoints = tuple(
                 e for dc in self.datacenters for e in self._answers.get((name, dc), ())
             )
-        return ServiceEndpoints(
+            gen = self._gen
+        svc = ServiceEndpoints(
             name=name, endpoints=endpoints, source="consul", datacenters=self.datacenters
         )
+        return svc, gen
+
+    def _concurrent_calls(self, services: Sequence[str]) -> int:
+        watches = 1 + len(services) * len(self.datacenters)  # catalog + each service per dc
+        if self.cfg.enable_connect:
+            watches += 2  # roots and leaf
+        return watches + 2  # the full pass, and one to spare
+
+    # -- failing watches --------------------------------------------------------------
+    def _current_errors(self) -> dict[str, str]:
+        with self._answers_lock:
+            return dict(self._watch_errors)
+
+    def _set_error(self, what: str, message: str | None) -> dict[str, str]:
+        with self._answers_lock:
+            if message is None:
+                self._watch_errors.pop(what, None)
+            else:
+                self._watch_errors[what] = message
+            return dict(self._watch_errors)
 
     def watch(
         self,
@@ -263,6 +401,7 @@ class ConsulClient:
         stop: threading.Event,
     ) -> None:
         """Blocking queries: roots and leaf (Connect), the catalog, every service per dc."""
+        self._ensure_pool(self._concurrent_calls(services))
         threads = []
         if self.cfg.enable_connect:
             threads.append(self._spawn("connect-tls", self._watch_tls, publish_tls, stop, publish))
@@ -293,8 +432,14 @@ class ConsulClient:
 
         def on_answer(index: int) -> int:
             idx, endpoints = self.instances(name, dc, index)
-            if self._store(name, dc, endpoints):
-                publish(Discovery(services={name: self._merged(name)}))
+            # A lower index than we asked with: Consul's state was restored; start over.
+            if self._store(name, dc, endpoints, idx, reset=idx < index):
+                svc, stamp = self._merged(name)
+                publish(
+                    Discovery(
+                        services={name: svc}, errors=self._current_errors(), stamps={name: stamp}
+                    )
+                )
             return idx
 
         self._blocking_loop(f"health {name} (dc {dc or 'local'})", on_answer, stop, publish)
@@ -359,36 +504,46 @@ class ConsulClient:
             started = time.monotonic()
             try:
                 new_index = ask(index)
-            except MeshError as exc:
-                if not failing:
+            except Exception as exc:
+                if isinstance(exc, MeshError):
+                    message = exc.message
+                else:
+                    log.exception("consul watch %s raised", what)
+                    message = f"{type(exc).__name__}: {exc}"
+                if not failing:  # logged on change of state, not on every retry
                     log.warning(
-                        "consul watch %s failing (retrying with back-off): %s", what, exc.message
+                        "consul watch %s failing (retrying with back-off): %s", what, message
                     )
                     failing = True
-                report(Discovery(errors={what: exc.message}))
+                report(Discovery(errors=self._set_error(what, message)))
                 stop.wait(backoff * random.uniform(0.8, 1.2))
-                backoff = min(backoff * 2, MAX_BACKOFF)
-                continue
-            except Exception as exc:
-                log.exception("consul watch %s raised", what)
-                report(Discovery(errors={what: f"{type(exc).__name__}: {exc}"}))
-                stop.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
             if failing:
                 log.info("consul watch %s recovered", what)
                 failing = False
+                if not self._set_error(what, None):
+                    report(Discovery())  # nothing fails any more: clears lastError
             backoff = 1.0
             # The index must grow; if it goes backwards (a snapshot restore), start over.
+            # A return is no proof of change (hashicorp/consul#3890): an unchanged index is
+            # simply asked again, after the rate limit below.
             index = 0 if new_index < index else new_index
             if index <= 0:
-                index = 1
+                index = 1  # 0 would make the next query return at once: never use it
             elapsed = time.monotonic() - started
             if elapsed < self.cfg.min_query_interval:
                 stop.wait(self.cfg.min_query_interval - elapsed)
 
     def close(self) -> None:
         self._consul.http.session.close()
+
+
+def go_duration(seconds: float) -> str:
+    """A Go duration for ``wait=``: whole seconds as ``5s``, anything finer in ms
+    (``int(0.5)`` would send ``0s``, which Consul reads as its 5 min default)."""
+    ms = max(1, round(seconds * 1000))
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
 def _short(exc: BaseException, limit: int = 200) -> str:

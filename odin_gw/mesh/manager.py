@@ -1,10 +1,25 @@
 """MeshManager: one per process; keeps the current ``Snapshot`` and TLS material.
 
 Every worker runs a cheap ``sync`` job (APScheduler, twice a second) that tries to take
-the host's leader lock and otherwise picks up the leader's snapshot file when it
+the instance's leader lock and otherwise picks up the leader's snapshot file when it
 changes. The leader alone talks to the control plane: a periodic full ``discover`` job
 every ``serviceMesh.refreshInterval`` plus the client's own ``watch`` thread (blocking
 queries for Consul). Request threads only ever read ``manager.snapshot``.
+
+Leader health (see ``state.py`` for the files): the leader's sync rewrites its heartbeat
+and checks that its lock is still the leader lock (a tmp cleaner may delete the file or
+the directory; then it steps down and leadership is taken again through the lock).
+A follower that finds the heartbeat older than ``stale_after`` (``max(refreshInterval,
+10 sync intervals)``) reports the leader stale (``/admin/mesh``, the
+``odin_mesh_leader_stale`` gauge, ``ready()``) and takes over in a new lock generation;
+the hung leader, if it ever runs again, sees the new generation and steps down. Each
+leadership term has its own stop event and callbacks, so a deposed term's threads can
+no longer publish. The scheduler is a ``MonotonicScheduler``: a wall-clock step does
+not stop the jobs.
+
+Snapshots are stamped with ``fingerprints(config)``: a follower loads only a snapshot of
+its own fingerprint; at start (warm cache) and when taking the lead, one of the same
+origin is used for the services both configs share; anything else is ignored.
 
 Locking rule: every change of ``snapshot``/``tls`` goes through ``_set`` under
 ``_publish_lock``, so no writer can put back what another just replaced; the lock is never
@@ -13,20 +28,24 @@ held across a network call.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.schedulers import SchedulerNotRunningError
 
 from ..config.model import GatewayConfig
 from ..errors import GatewayError
 from .client import Discovery, MeshClient, StaticClient
-from .snapshot import ServiceEndpoints, Snapshot
-from .state import StateDir, default_state_dir
+from .scheduler import MonotonicScheduler
+from .snapshot import ServiceEndpoints, Snapshot, fingerprints
+from .state import StateDir, StateDirError, default_state_dir, monotonic
 from .tls import TlsMaterial, TlsMaterialError
 
 log = logging.getLogger("odin_gw.mesh")
@@ -50,6 +69,21 @@ def make_client(config: GatewayConfig) -> MeshClient:
     return StaticClient()
 
 
+def follows_mesh(config: GatewayConfig) -> bool:
+    """Whether ``config`` has a control plane or mTLS files to follow (a state dir)."""
+    m = config.service_mesh
+    files = bool(m.enabled and m.mtls_enabled and m.cert_file and m.key_file and m.ca_file)
+    return m.kind != "none" or files
+
+
+def state_dir_for(config: GatewayConfig, config_path: str | None = None) -> str | None:
+    """The state dir ``config`` uses (``serviceMesh.stateDir`` or the instance default),
+    ``None`` when it follows no mesh and so needs none."""
+    if not follows_mesh(config):
+        return None
+    return config.service_mesh.state_dir or default_state_dir(config.server.port, config_path)
+
+
 class MeshManager:
     """Owns discovery for this process; see the module docstring for the threads."""
 
@@ -68,26 +102,43 @@ class MeshManager:
         self.services: tuple[str, ...] = tuple(
             dict.fromkeys(s.mesh_service or s.name for s in config.services)
         )
-        self.state = StateDir(self.mesh.state_dir or default_state_dir(config.server.port))
-        self.snapshot = Snapshot(mesh=self.mesh.kind)
+        # Nothing is created on disk until start() (and only with a mesh to follow).
+        self.state = StateDir(state_dir_for(config) or default_state_dir(config.server.port))
+        self.origin, self.fingerprint = fingerprints(config)
+        self.snapshot = Snapshot(
+            mesh=self.mesh.kind, origin=self.origin, fingerprint=self.fingerprint
+        )
+        self.state_error: str | None = None
+        #: Seconds without a leader heartbeat after which the leader counts as hung.
+        self.stale_after = max(self.mesh.refresh_interval, 10 * SYNC_INTERVAL)
+        self.leader_stale: str | None = None
+        self._term = 0  # counts this process's leadership terms
+        self._term_stop = threading.Event()
+        self._no_heartbeat_since: tuple[int, float] | None = None
+        self._ignored_snapshot = 0
+        self._tls_unsaved: TlsMaterial | None = None
+        self._tls_warned: TlsMaterial | None = None
+        self._unsaved = False
         self.tls: TlsMaterial | None = None
         self.tls_error: str | None = None
         self.started_at = time.monotonic()
         self._publish_lock = threading.Lock()
         self._stop = threading.Event()
-        self._scheduler: BackgroundScheduler | None = None
+        self._scheduler: MonotonicScheduler | None = None
         self._watch_thread: threading.Thread | None = None
         self._seen_snapshot = 0
         self._seen_tls = 0
         self._seen_trigger = 0
         self._tls_files_seen: tuple = ()
         self._failing_since: str | None = None
+        # Per service, the client's stamp of the last view published (see publish()).
+        self._applied_stamps: dict[str, int] = {}
 
     # -- properties -------------------------------------------------------------------
     @property
     def active(self) -> bool:
         """Whether this mesh has a control plane or files to follow at all."""
-        return self.mesh.kind != "none" or self._uses_tls_files()
+        return follows_mesh(self.config)
 
     @property
     def leading(self) -> bool:
@@ -107,10 +158,14 @@ class MeshManager:
         """(ready, why): discovery answered once (or a warm cache), TLS loaded if needed."""
         if self.mesh.kind == "none" and not self._uses_tls_files():
             return True, "static routing"
+        if self.state_error:
+            return False, self.state_error
         if self.needs_tls() and self.tls is None:
             return False, f"waiting for TLS material ({self.tls_error or 'not loaded yet'})"
         if self.mesh.kind == "none":
             return True, "static routing"
+        if self.leader_stale:
+            return False, self.leader_stale
         snap = self.snapshot
         if snap.refreshed_at:
             return True, "discovery answered" if not snap.warm else "warm cache"
@@ -122,12 +177,21 @@ class MeshManager:
 
     # -- life cycle -------------------------------------------------------------------
     def start(self) -> None:
-        """Load the warm cache and start the sync job (no-op without a mesh)."""
-        if not self.active:
+        """Load the warm cache and start the sync job (no-op without a mesh; idempotent).
+
+        An unusable state dir is logged once (one line naming the path and the problem)
+        and reported by ``ready()``; the sync job keeps checking it.
+        """
+        if not self.active or self._scheduler is not None:
             return
-        self._load_from_disk(initial=True)
+        if not self.state.leading:
+            # Built in the gunicorn master (--preload) before it exported ODIN_BIND: the
+            # default dir is known only now, in the worker.
+            self.state = StateDir(state_dir_for(self.config) or self.state.path)
+        if self._check_state_dir():
+            self._load_from_disk(initial=True)
         self._load_tls_files()
-        sched = BackgroundScheduler(
+        sched = MonotonicScheduler(
             timezone=UTC,
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
         )
@@ -145,8 +209,10 @@ class MeshManager:
 
     def stop(self) -> None:
         self._stop.set()
+        self._term_stop.set()
         if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
+            with contextlib.suppress(SchedulerNotRunningError):
+                self._scheduler.shutdown(wait=False)
             self._scheduler = None
         try:
             self.client.close()
@@ -156,8 +222,8 @@ class MeshManager:
     # -- the sync job (every worker) ------------------------------------------------------
     def _sync(self) -> None:
         try:
-            if not self.state.leading and self.mesh.kind != "none" and self.state.try_lead():
-                self._become_leader()
+            if self.mesh.kind != "none":
+                self._sync_leadership()
             if not self.state.leading:
                 self._load_from_disk()
             else:
@@ -165,11 +231,104 @@ class MeshManager:
                 if trig and trig != self._seen_trigger:
                     self._seen_trigger = trig
                     self.refresh_now()
+                if self._tls_unsaved is not None or self._unsaved:
+                    with self._publish_lock:
+                        self._persist_tls()
+                        if self._unsaved:
+                            self._set(self.snapshot, self.tls, write=True)
             self._load_tls_files()
             age = self.snapshot.age()
             self.metrics.snapshot_age.set(-1 if age is None else age)
+            self.metrics.leader_stale.set(1 if self.leader_stale else 0)
         except Exception:  # the job must survive anything; say what happened
             log.exception("mesh sync failed")
+
+    def _check_state_dir(self) -> bool:
+        """Check (and create) the state dir; log once per new problem. True when usable."""
+        try:
+            self.state.ensure()
+        except StateDirError as exc:
+            if str(exc) != self.state_error:
+                log.error("%s", exc)
+            self.state_error = str(exc)
+            return False
+        if self.state_error:
+            log.info("state dir %s is usable again", self.state.path)
+        self.state_error = None
+        return True
+
+    def _sync_leadership(self) -> None:
+        """Keep one live leader: check ours, or take the lock, or replace a hung leader."""
+        if self.state.leading:
+            problem = self.state.check_lock()
+            if problem is None:
+                try:
+                    self.state.beat(attempt=self.snapshot.attempted_at)
+                    return
+                except OSError as exc:
+                    problem = f"cannot write the heartbeat: {exc}"
+            self._resign(problem)
+        if not self._check_state_dir():
+            return
+        try:
+            led = self.state.try_lead()
+        except (OSError, StateDirError) as exc:
+            if f"state dir {self.state.path}: {exc}" != self.state_error:
+                log.error("state dir %s: cannot take the leader lock: %s", self.state.path, exc)
+            self.state_error = f"state dir {self.state.path}: {exc}"
+            return
+        if led:
+            self.leader_stale = None
+            self._become_leader()
+            return
+        why, judged = self._leader_is_hung()
+        if why != self.leader_stale:
+            if why:
+                log.warning("%s; taking over", why)
+            else:
+                log.info("the leader is alive again")
+        self.leader_stale = why
+        # take_over(judged): only the generation found hung is replaced (another follower
+        # may have replaced it already; its successor is not judged yet).
+        if why and self.state.take_over(judged) and self.state.try_lead():
+            log.warning("pid %d took over discovery in generation %d", os.getpid(), self.state.term)
+            self.leader_stale = None
+            self._become_leader()
+
+    def _leader_is_hung(self) -> tuple[str | None, int]:
+        """(why the leader counts as not alive or ``None``, the generation judged).
+
+        Its heartbeat (host-wide monotonic time) must be younger than ``stale_after``;
+        a generation whose lock is held but that never wrote one gets as long.
+        """
+        gen = self.state.generation()
+        beat = self.state.heartbeat(gen)
+        now = monotonic()
+        if beat is None:
+            if self._no_heartbeat_since is None or self._no_heartbeat_since[0] != gen:
+                self._no_heartbeat_since = (gen, now)
+            age = now - self._no_heartbeat_since[1]
+            pid = None
+        else:
+            self._no_heartbeat_since = None
+            age = now - float(beat["mono"])
+            pid = beat.get("pid")
+        if age <= self.stale_after:
+            return None, gen
+        return (
+            f"leader pid {pid} is not alive: no heartbeat for {age:.1f}s "
+            f"(limit {self.stale_after:g}s)",
+            gen,
+        )
+
+    def _resign(self, why: str) -> None:
+        """Stop leading: the discovery job and this term's watch end, the lock is freed."""
+        log.warning("pid %d stops leading discovery: %s", os.getpid(), why)
+        self._term_stop.set()
+        if self._scheduler is not None:
+            with contextlib.suppress(JobLookupError):
+                self._scheduler.remove_job("discover")
+        self.state.resign()
 
     def _become_leader(self) -> None:
         log.info(
@@ -179,7 +338,8 @@ class MeshManager:
             self.state.path,
         )
         # Start from what the previous leader published: no gap in routing.
-        self._load_from_disk()
+        self._load_from_disk(adopt=True)
+        getattr(self.client, "seed", lambda _snapshot: None)(self.snapshot)  # per-dc answers
         self._seen_trigger = self.state.mtime(self.state.trigger_path)
         with self._publish_lock:
             self._set(self.snapshot.evolve(leader_pid=os.getpid()), self.tls, write=True)
@@ -190,31 +350,77 @@ class MeshManager:
             seconds=self.mesh.refresh_interval,
             id="discover",
             next_run_time=datetime.now(UTC),
+            replace_existing=True,
         )
+        # A term of its own: a watch of an earlier term (still in a blocking query when
+        # this process lost the lead) can no longer publish.
+        self._term += 1
+        self._term_stop = threading.Event()
+        if self._stop.is_set():
+            self._term_stop.set()
         self._watch_thread = threading.Thread(
-            target=self._watch, name="odin-mesh-watch", daemon=True
+            target=self._watch,
+            args=(self._term, self._term_stop),
+            name="odin-mesh-watch",
+            daemon=True,
         )
         self._watch_thread.start()
 
-    def _watch(self) -> None:
+    def _watch(self, term: int = 0, stop: threading.Event | None = None) -> None:
+        def publish(result: Discovery) -> None:
+            if term == self._term and self.state.leading:
+                self.publish(result)
+
+        def publish_tls(material: TlsMaterial) -> None:
+            if term == self._term and self.state.leading:
+                self.publish_tls(material)
+
         try:
-            self.client.watch(self.services, self.publish, self.publish_tls, self._stop)
+            self.client.watch(self.services, publish, publish_tls, stop or self._stop)
         except Exception:
             log.exception("mesh watch thread ended with an error")
 
-    def _load_from_disk(self, initial: bool = False) -> None:
+    def _load_from_disk(self, initial: bool = False, adopt: bool = False) -> None:
+        """Pick up the snapshot file when it changed.
+
+        A follower takes only a snapshot of its own ``fingerprint``. ``initial`` (the warm
+        cache at start) and ``adopt`` (taking the lead) also take one of the same
+        ``origin``, restricted to the services this config shares with it. Services not in
+        this config are always dropped. Anything else is ignored, logged once per file.
+        """
         mtime = self.state.mtime(self.state.snapshot_path)
-        if not mtime or mtime == self._seen_snapshot:
+        if not mtime:
             return
-        try:
-            snap = self.state.read_snapshot()
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring unreadable snapshot file %s: %s", self.state.snapshot_path, exc)
-            self._seen_snapshot = mtime
+        retry = (adopt or initial) and mtime == self._ignored_snapshot
+        if mtime == self._seen_snapshot and not retry:
             return
         self._seen_snapshot = mtime
-        if snap is None or snap.mesh != self.mesh.kind:
+        try:
+            snap = self.state.read_snapshot()
+        except (OSError, ValueError) as exc:
+            if self._ignored_snapshot != mtime:
+                log.warning("ignoring snapshot file %s: %s", self.state.snapshot_path, exc)
+            self._ignored_snapshot = mtime
             return
+        if snap is None:
+            return
+        if snap.fingerprint != self.fingerprint:
+            if not (initial or adopt) or snap.origin != self.origin or snap.mesh != self.mesh.kind:
+                if self._ignored_snapshot != mtime:
+                    log.warning(
+                        "ignoring snapshot file %s: discovered for another configuration "
+                        "(fingerprint %s, ours %s)",
+                        self.state.snapshot_path,
+                        snap.fingerprint or "none",
+                        self.fingerprint,
+                    )
+                self._ignored_snapshot = mtime
+                return
+            log.info("using the snapshot of a previous configuration for the services kept")
+            snap = replace(snap.only(self.services), fingerprint=self.fingerprint, warm=True)
+        snap = snap.only(self.services)
+        if self._ignored_snapshot == mtime:
+            self._ignored_snapshot = 0
         if initial:
             snap = snap.evolve(warm=True)
         tls = self.tls
@@ -223,7 +429,7 @@ class MeshManager:
         if tls_version and stale and not self._uses_tls_files():
             try:
                 tls = self.state.read_tls() or tls
-            except (OSError, ValueError, KeyError, TlsMaterialError) as exc:
+            except (OSError, ValueError, KeyError, TypeError, TlsMaterialError) as exc:
                 log.warning("ignoring unreadable TLS material file: %s", exc)
         with self._publish_lock:
             self._set(snap, tls, write=False)
@@ -311,7 +517,16 @@ class MeshManager:
         with self._publish_lock:
             snap = self.snapshot
             services: dict[str, ServiceEndpoints] = dict(snap.services)
-            services.update(result.services)
+            # Never newer with older: a view merged before one already applied (a full
+            # pass racing a blocking query) is dropped. Stamps come from the client.
+            applied = self._applied_stamps
+            for name, svc in result.services.items():
+                stamp = result.stamps.get(name)
+                if stamp is not None:
+                    if stamp < applied.get(name, stamp):
+                        continue
+                    applied[name] = stamp
+                services[name] = svc
             for name in result.absent:
                 # Known to the mesh, now gone: no instances (and no fallback to static
                 # targets, which serve only while the mesh never answered for a service).
@@ -343,7 +558,12 @@ class MeshManager:
             )
 
     def publish_tls(self, material: TlsMaterial) -> None:
-        """New TLS material from the control plane (leader only): share it, then use it."""
+        """New TLS material from the control plane (leader only): use it, then share it.
+
+        Applied in memory first; writing it to the state dir is best-effort and retried
+        on every sync until it succeeds (followers keep their previous material, still
+        valid, meanwhile): a full or vanished state dir never loses a rotation.
+        """
         with self._publish_lock:
             if self.tls is not None and self.tls.version == material.version:
                 return
@@ -353,23 +573,46 @@ class MeshManager:
                 log.warning("control plane sent unusable TLS material: %s", exc)
                 self.tls_error = exc.message
                 return
-            self.state.write_tls(material)
             self.tls_error = None
             log.info(
                 "TLS material rotated to version %s (%s)",
                 material.version,
                 material.facts.subject if material.facts else "?",
             )
-            self._set(self.snapshot.evolve(tls=material.describe()), material, write=True)
+            self._set(self.snapshot.evolve(tls=material.describe()), material, write=False)
+            self._tls_unsaved = material
+            self._persist_tls()
+
+    def _persist_tls(self) -> None:
+        """Write unsaved TLS material, then the snapshot naming it (``_publish_lock`` held)."""
+        material = self._tls_unsaved
+        if material is None:
+            return
+        try:
+            self.state.write_tls(material)
+        except OSError as exc:
+            if self._tls_unsaved is not self._tls_warned:
+                log.warning("TLS material not saved to the state dir yet (will retry): %s", exc)
+                self._tls_warned = material
+            return
+        self._tls_unsaved = None
+        self._set(self.snapshot, self.tls, write=True)
 
     # -- applying ---------------------------------------------------------------------
     def _set(self, snap: Snapshot, tls: TlsMaterial | None, write: bool) -> None:
+        if write and self.state.deposed():
+            # Not (or no longer) the leader, e.g. a hung leader's late answer after a
+            # takeover: the new leader's file counts; the next sync steps down.
+            write = False
         if write:
             try:
                 self.state.write_snapshot(snap)
                 self._seen_snapshot = self.state.mtime(self.state.snapshot_path)
+                self._unsaved = False
             except OSError as exc:
-                log.warning("could not write the snapshot file: %s", exc)
+                if not self._unsaved:
+                    log.warning("could not write the snapshot file (will retry): %s", exc)
+                self._unsaved = True
         # Routing tables and TLS pools first: /ready (which reads self.tls) must not say
         # yes before requests can use what it reports.
         self.on_change(snap, tls)
@@ -401,6 +644,11 @@ class MeshManager:
             "leader": self.state.leading,
             "leaderPid": snap.leader_pid or self.state.leader_pid(),
             "stateDir": self.state.path,
+            "stateDirError": self.state_error,
+            "generation": self.state.generation() if self.state_error is None else None,
+            "leaderStale": self.leader_stale,
+            "leaderHeartbeatAgeSeconds": self._heartbeat_age(),
+            "fingerprint": self.fingerprint,
             "refreshInterval": self.mesh.refresh_interval,
             "lastRefresh": _iso(snap.refreshed_at),
             "lastAttempt": _iso(snap.attempted_at),
@@ -415,6 +663,12 @@ class MeshManager:
             "certificate": self.tls.describe() if self.tls else None,
             "certificateError": self.tls_error,
         }
+
+    def _heartbeat_age(self) -> float | None:
+        if self.mesh.kind == "none" or self.state_error:
+            return None
+        beat = self.state.heartbeat()
+        return None if beat is None else round(max(0.0, monotonic() - float(beat["mono"])), 3)
 
 
 def _iso(ts: float) -> str | None:

@@ -3,15 +3,60 @@
 A ``Snapshot`` is replaced as a whole, never changed in place, so request threads read it
 without locks. It round-trips through JSON: the leader writes it to the state directory
 and every worker (and the next start, as a warm cache) reads it back.
+
+The JSON form is versioned (``format``) and stamped with what it was discovered for:
+``origin`` (mesh type, control-plane address, datacenters, namespace and the options that
+change answers) and ``fingerprint`` (``origin`` plus the service list); see
+:func:`fingerprints`. ``from_json`` checks every type and raises ``ValueError`` for any
+document that is not a snapshot of this format, so a wrong file is ignored, never fatal.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
+
+#: Version of the JSON form; a file of another format is ignored.
+SNAPSHOT_FORMAT = 2
+
+
+def fingerprints(config) -> tuple[str, str]:
+    """``(origin, fingerprint)`` of a ``GatewayConfig``'s discovery.
+
+    ``origin`` covers where answers come from and how they are judged; ``fingerprint``
+    adds the list of discovered services. A snapshot with the same origin holds valid
+    answers for the services both lists share.
+    """
+    mesh = config.service_mesh
+    consul = mesh.consul
+    origin: list[Any] = [mesh.kind, mesh.namespace]
+    if mesh.kind == "consul":
+        origin += [
+            consul.http_addr.rstrip("/"),
+            list(consul.all_datacenters),
+            consul.namespace,
+            consul.enable_connect,
+            consul.service_name,
+            consul.accept_warning,
+        ]
+    services = sorted({s.mesh_service or s.name for s in config.services})
+    o = hashlib.sha256(json.dumps(origin).encode()).hexdigest()[:16]
+    f = hashlib.sha256(json.dumps([o, services]).encode()).hexdigest()[:16]
+    return o, f
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise ValueError(what)
+
+
+def _opt_str(value: Any, what: str) -> Any:
+    _check(value is None or isinstance(value, str), f"{what} must be a string")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +125,14 @@ class Endpoint:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Endpoint:
+        _check(isinstance(data, dict), "an endpoint must be an object")
+        _check(isinstance(data.get("address"), str), "endpoint address must be a string")
+        port = data.get("port")
+        _check(isinstance(port, int) and 0 < port < 65536, "endpoint port must be 1-65535")
+        for key in ("datacenter", "identity", "node", "serviceId", "hostHeader"):
+            _opt_str(data.get(key), f"endpoint {key}")
+        _check(data.get("scheme", "http") in ("http", "https"), "endpoint scheme")
+        _check(isinstance(data.get("weight", 1), int), "endpoint weight must be a number")
         return cls(
             address=str(data["address"]),
             port=int(data["port"]),
@@ -130,6 +183,13 @@ class ServiceEndpoints:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServiceEndpoints:
+        _check(isinstance(data, dict), "a service must be an object")
+        _check(isinstance(data.get("name"), str), "service name must be a string")
+        _check(isinstance(data.get("endpoints", []), list), "endpoints must be a list")
+        dcs = data.get("datacenters") or []
+        _check(isinstance(dcs, list), "datacenters must be a list")
+        for dc in dcs:
+            _opt_str(dc, "datacenter")
         return cls(
             name=str(data["name"]),
             source=str(data.get("source", "static")),
@@ -158,6 +218,8 @@ class Snapshot:
     leader_pid: int | None = None
     tls: dict[str, Any] | None = None
     warm: bool = False
+    origin: str = ""
+    fingerprint: str = ""
 
     def age(self, now: float | None = None) -> float | None:
         """Seconds since the last successful discovery, ``None`` if there was none."""
@@ -181,6 +243,9 @@ class Snapshot:
     def to_json(self) -> str:
         return json.dumps(
             {
+                "format": SNAPSHOT_FORMAT,
+                "origin": self.origin,
+                "fingerprint": self.fingerprint,
                 "mesh": self.mesh,
                 "version": self.version,
                 "refreshedAt": self.refreshed_at,
@@ -197,21 +262,63 @@ class Snapshot:
 
     @classmethod
     def from_json(cls, text: str) -> Snapshot:
-        """Parse a state file; raises ``ValueError`` (or ``KeyError``) if it is not one."""
-        data = json.loads(text)
-        if not isinstance(data, dict) or not isinstance(data.get("services"), dict):
-            raise ValueError("not a snapshot document")
+        """Parse a state file; raises ``ValueError`` if it is not a snapshot of this format."""
+        try:
+            return cls._from_doc(json.loads(text))
+        except ValueError:
+            raise
+        except (KeyError, TypeError, AttributeError, OverflowError) as exc:
+            raise ValueError(f"not a snapshot document ({type(exc).__name__}: {exc})") from exc
+
+    @classmethod
+    def _from_doc(cls, data: Any) -> Snapshot:
+        _check(isinstance(data, dict), "not a snapshot document")
+        _check(
+            data.get("format") == SNAPSHOT_FORMAT,
+            f"snapshot format {data.get('format')!r}, expected {SNAPSHOT_FORMAT}",
+        )
+        services = data.get("services")
+        _check(isinstance(services, dict), "services must be an object")
+        for key in ("mesh", "origin", "fingerprint"):
+            _check(isinstance(data.get(key), str), f"{key} must be a string")
+        for key in ("refreshedAt", "attemptedAt"):
+            value = data.get(key) or 0
+            _check(isinstance(value, int | float), f"{key} must be a number")
+        for key in ("version", "consecutiveFailures"):
+            _check(isinstance(data.get(key) or 0, int), f"{key} must be a whole number")
+        pid = data.get("leaderPid")
+        _check(pid is None or isinstance(pid, int), "leaderPid must be a whole number")
+        _opt_str(data.get("lastError"), "lastError")
+        tls = data.get("tls")
+        _check(tls is None or isinstance(tls, dict), "tls must be an object")
+        catalog = data.get("catalog") or []
+        _check(
+            isinstance(catalog, list) and all(isinstance(c, str) for c in catalog),
+            "catalog must be a list of names",
+        )
+        parsed = {}
+        for name, svc in services.items():
+            entry = ServiceEndpoints.from_dict(svc)
+            _check(entry.name == name, f"service {name!r} holds {entry.name!r}")
+            parsed[name] = entry
         return cls(
-            mesh=str(data.get("mesh", "none")),
-            version=int(data.get("version", 0)),
+            mesh=data["mesh"],
+            origin=data["origin"],
+            fingerprint=data["fingerprint"],
+            version=int(data.get("version") or 0),
             refreshed_at=float(data.get("refreshedAt") or 0.0),
             attempted_at=float(data.get("attemptedAt") or 0.0),
             last_error=data.get("lastError"),
             consecutive_failures=int(data.get("consecutiveFailures") or 0),
-            leader_pid=data.get("leaderPid"),
-            catalog=tuple(data.get("catalog") or ()),
-            tls=data.get("tls"),
-            services=MappingProxyType(
-                {n: ServiceEndpoints.from_dict(s) for n, s in data["services"].items()}
-            ),
+            leader_pid=pid,
+            catalog=tuple(catalog),
+            tls=tls,
+            services=MappingProxyType(parsed),
         )
+
+    def only(self, names) -> Snapshot:
+        """This snapshot restricted to ``names`` (services dropped from the config go)."""
+        keep = {n: s for n, s in self.services.items() if n in set(names)}
+        if len(keep) == len(self.services):
+            return self
+        return replace(self, services=MappingProxyType(keep))

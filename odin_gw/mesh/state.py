@@ -1,25 +1,125 @@
-"""The per-host state directory: leader lock, snapshot file, TLS material, refresh trigger.
+"""The state directory of one gateway instance: leader lock, snapshot, TLS material.
 
 Only the leader writes; every worker reads. Writes go to a temporary name in the same
 directory and are renamed into place, so a reader sees the old file or the new one,
 never half of either.
+
+**Ownership.** The directory is the instance's private state: created 0700 and refused
+(:class:`StateDirError`, naming the path and what is wrong) when it is not a real
+directory, not owned by the gateway's user, or open to group/other. Files are opened
+with ``O_NOFOLLOW``; key material is written 0600. Nothing is created before
+:meth:`StateDir.ensure` runs, so a gateway without a mesh leaves no directory behind.
+
+**Default place.** :func:`default_state_dir` keys the directory on what identifies the
+instance (the addresses gunicorn really binds, exported as ``ODIN_BIND`` by the master,
+and the config file's path) under ``$RUNTIME_DIRECTORY`` (systemd), else ``/run`` when
+writable, else the temp dir.
+
+**Leadership generations.** The leader holds an ``flock`` on ``leader-<G>.lock`` where
+``G`` is the number in ``generation`` (0 when the file is absent). The lock file is also
+the leader's heartbeat: every sync rewrites it in place with the leader's pid and the
+host's ``CLOCK_MONOTONIC`` time (shared by all processes, immune to wall-clock steps).
+A hung leader (SIGSTOP, stuck I/O) keeps its flock, so a follower that sees the heartbeat
+older than the staleness limit bumps the generation (under ``generation.lock``, only if
+it is still ``G``) and takes the lock of ``G+1``. A leader checks on every sync that the
+generation is still its own and that the path of its lock is still the file it holds
+(a tmp cleaner may delete either); otherwise it steps down, and leadership is taken again
+through the ordinary lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
+import stat
 import tempfile
+import time
 
 from .snapshot import Snapshot
 from .tls import TlsMaterial
 
+HEARTBEAT_SIZE = 512  # the lock file is rewritten in place, padded to this size
 
-def default_state_dir(port: int) -> str:
-    """``<tmp>/odin-gw-<port>``: one gateway per port per host."""
-    return os.path.join(tempfile.gettempdir(), f"odin-gw-{port}")
+
+class StateDirError(Exception):
+    """The state directory cannot be used safely; ``str()`` names the path and why."""
+
+
+def runtime_base() -> str:
+    """Where default state dirs go: ``$RUNTIME_DIRECTORY``, ``/run`` if writable, tmp."""
+    runtime = (os.environ.get("RUNTIME_DIRECTORY") or "").split(":")[0]
+    if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK | os.X_OK):
+        return runtime
+    if os.path.isdir("/run") and os.access("/run", os.W_OK | os.X_OK):
+        return "/run"
+    return tempfile.gettempdir()
+
+
+def instance_key(port: int, config_path: str | None = None, binds: str | None = None) -> str:
+    """``<port>-<hash>``: the first bound port and a hash of binds + config path.
+
+    ``binds`` defaults to ``ODIN_BIND`` (set by the gunicorn master from its listeners;
+    gunicorn's ``-b`` wins over ``server.port``), ``config_path`` to ``ODIN_CONFIG``.
+    """
+    binds = binds if binds is not None else os.environ.get("ODIN_BIND", "")
+    config_path = config_path or os.environ.get("ODIN_CONFIG") or "config.yaml"
+    addrs = sorted(b for b in binds.split(",") if b)
+    first = str(port)
+    if addrs:
+        tail = addrs[0].rsplit(":", 1)[-1]
+        first = tail if tail.isdigit() else "unix"
+    digest = hashlib.sha256(
+        json.dumps([addrs or [str(port)], os.path.abspath(config_path)]).encode()
+    ).hexdigest()[:12]
+    return f"{first}-{digest}"
+
+
+def default_state_dir(port: int, config_path: str | None = None, binds: str | None = None) -> str:
+    """``<base>/odin-gw-<port>-<hash>``; see :func:`instance_key` and :func:`runtime_base`."""
+    return os.path.join(runtime_base(), f"odin-gw-{instance_key(port, config_path, binds)}")
+
+
+def check_private_dir(path: str, create: bool = True) -> None:
+    """Make sure ``path`` is a directory only this user can use; create it 0700 if absent.
+
+    Raises :class:`StateDirError` naming the path and the problem otherwise.
+    """
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            try:
+                os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise StateDirError(f"state dir {path}: cannot create it: {exc}") from exc
+        except OSError as exc:
+            raise StateDirError(f"state dir {path}: cannot create it: {exc}") from exc
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise StateDirError(f"state dir {path}: {exc.strerror or exc}") from exc
+    if stat.S_ISLNK(st.st_mode):
+        raise StateDirError(f"state dir {path}: is a symbolic link; refusing to follow it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateDirError(f"state dir {path}: is not a directory")
+    if st.st_uid != os.geteuid():
+        raise StateDirError(
+            f"state dir {path}: owned by uid {st.st_uid}, not by the gateway's user "
+            f"(uid {os.geteuid()}); refusing to use it"
+        )
+    if st.st_mode & 0o077:
+        raise StateDirError(
+            f"state dir {path}: mode {stat.S_IMODE(st.st_mode):04o} gives group/other access; "
+            "it must be 0700 (remove it or chmod 700 it)"
+        )
 
 
 def write_atomic(
@@ -28,7 +128,8 @@ def write_atomic(
     """Replace ``path`` with ``text`` via a temporary file in ``tmp_dir`` and a rename.
 
     ``tmp_dir`` must be on the same filesystem as ``path``; a reader sees the old file or
-    the new one, never half of either.
+    the new one, never half of either. The temporary file is created 0600 (``mkstemp``)
+    and only then widened to ``mode``; the rename replaces a symlink, never follows it.
     """
     fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=".tmp-")
     try:
@@ -36,7 +137,8 @@ def write_atomic(
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
+        if mode != 0o600:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -44,56 +146,165 @@ def write_atomic(
         raise
 
 
+def _read_nofollow(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def monotonic() -> float:
+    """The host's ``CLOCK_MONOTONIC`` (the same for every process of the host)."""
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
 class StateDir:
-    """Files shared by the gateway processes of one host."""
+    """Files shared by the processes of one gateway instance (see the module docstring)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        os.makedirs(path, mode=0o700, exist_ok=True)
         self.snapshot_path = os.path.join(path, "snapshot.json")
         self.tls_path = os.path.join(path, "tls-material.json")
         self.trigger_path = os.path.join(path, "refresh.trigger")
-        self.lock_path = os.path.join(path, "leader.lock")
+        self.generation_path = os.path.join(path, "generation")
         self._lock_fd: int | None = None
+        self._lock_id: tuple[int, int] | None = None
+        self.term: int | None = None  # the generation this process leads
+
+    def ensure(self) -> None:
+        """Create the directory (0700) if needed and check it; raises StateDirError."""
+        check_private_dir(self.path)
+
+    def lock_path_for(self, generation: int) -> str:
+        return os.path.join(self.path, f"leader-{generation}.lock")
+
+    @property
+    def lock_path(self) -> str:
+        return self.lock_path_for(self.generation())
 
     # -- leadership -------------------------------------------------------------------
+    def generation(self) -> int:
+        """The current leadership generation (0 when the file is absent or unreadable)."""
+        try:
+            return int(_read_nofollow(self.generation_path).strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
     def try_lead(self) -> bool:
-        """Take the leader lock without waiting; True if this process holds it.
+        """Take the current generation's lock without waiting; True if this process holds it.
 
         The kernel frees an ``flock`` when its holder dies, so a killed leader's lock
-        passes to the next worker that asks.
+        passes to the next worker that asks. Re-creates the directory when it is gone;
+        raises :class:`StateDirError` when it is not safe to use.
         """
         if self._lock_fd is not None:
             return True
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.ensure()
+        generation = self.generation()
+        path = self.lock_path_for(generation)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
             return False
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        st = os.fstat(fd)
         self._lock_fd = fd
+        self._lock_id = (st.st_dev, st.st_ino)
+        self.term = generation
+        self.beat()
         return True
+
+    def check_lock(self) -> str | None:
+        """For the leader: ``None`` while its lock is still the leader lock, else why not."""
+        if self._lock_fd is None:
+            return "not leading"
+        current = self.generation()
+        if current != self.term:
+            return f"leadership generation moved from {self.term} to {current}"
+        try:
+            st = os.stat(self.lock_path_for(current), follow_symlinks=False)
+        except OSError:
+            return "the leader lock file was removed"
+        if (st.st_dev, st.st_ino) != self._lock_id:
+            return "the leader lock file was replaced"
+        return None
+
+    def deposed(self) -> bool:
+        """True unless this process leads the current generation (cheap: one small read)."""
+        return self._lock_fd is None or self.generation() != self.term
+
+    def beat(self, **facts) -> None:
+        """Rewrite the heartbeat (the lock file, in place): pid, monotonic and wall time."""
+        if self._lock_fd is None:
+            return
+        doc = {
+            "pid": os.getpid(),
+            "generation": self.term,
+            "mono": monotonic(),
+            "wall": time.time(),
+            **facts,
+        }
+        data = json.dumps(doc).encode()[: HEARTBEAT_SIZE - 1].ljust(HEARTBEAT_SIZE)
+        os.pwrite(self._lock_fd, data, 0)
+
+    def heartbeat(self, generation: int | None = None) -> dict | None:
+        """The heartbeat of ``generation`` (default: the current one), ``None`` if none."""
+        gen = self.generation() if generation is None else generation
+        try:
+            doc = json.loads(_read_nofollow(self.lock_path_for(gen)).strip() or "null")
+        except (OSError, ValueError):
+            return None
+        if not isinstance(doc, dict) or not isinstance(doc.get("mono"), int | float):
+            return None
+        return doc
+
+    def take_over(self, generation: int) -> bool:
+        """Start generation ``generation + 1`` if ``generation`` is still current.
+
+        Used when the leader of ``generation`` holds its lock but is not alive. Serialised
+        by ``generation.lock`` (taken without waiting: a hung holder must not hang us).
+        Older lock files are removed: the hung process keeps its inode and, when it runs
+        again, sees the new generation and steps down.
+        """
+        self.ensure()
+        guard = os.open(
+            os.path.join(self.path, "generation.lock"),
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+        try:
+            try:
+                fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False
+            if self.generation() != generation:
+                return False
+            write_atomic(self.generation_path, f"{generation + 1}\n", tmp_dir=self.path)
+            for old in range(max(0, generation - 8), generation + 1):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.lock_path_for(old))
+            return True
+        finally:
+            os.close(guard)
 
     def resign(self) -> None:
         if self._lock_fd is not None:
             with contextlib.suppress(OSError):
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
                 os.close(self._lock_fd)
             self._lock_fd = None
+            self._lock_id = None
+            self.term = None
 
     @property
     def leading(self) -> bool:
         return self._lock_fd is not None
 
     def leader_pid(self) -> int | None:
-        try:
-            with open(self.lock_path) as fh:
-                text = fh.read().strip()
-            return int(text) if text else None
-        except (OSError, ValueError):
-            return None
+        doc = self.heartbeat()
+        pid = doc.get("pid") if doc else None
+        return pid if isinstance(pid, int) else None
 
     # -- files ------------------------------------------------------------------------
     def write_atomic(self, path: str, text: str, mode: int = 0o600) -> None:
@@ -103,17 +314,16 @@ class StateDir:
         self.write_atomic(self.snapshot_path, snapshot.to_json())
 
     def read_snapshot(self) -> Snapshot | None:
-        """The snapshot on disk, or ``None`` when there is none; raises on a corrupt file."""
+        """The snapshot on disk, or ``None`` when there is none; raises on a bad file."""
         try:
-            with open(self.snapshot_path) as fh:
-                text = fh.read()
+            text = _read_nofollow(self.snapshot_path)
         except FileNotFoundError:
             return None
         return Snapshot.from_json(text)
 
     def mtime(self, path: str) -> float:
         try:
-            return os.stat(path).st_mtime_ns
+            return os.stat(path, follow_symlinks=False).st_mtime_ns
         except OSError:
             return 0
 
@@ -130,10 +340,11 @@ class StateDir:
 
     def read_tls(self) -> TlsMaterial | None:
         try:
-            with open(self.tls_path) as fh:
-                doc = json.load(fh)
+            doc = json.loads(_read_nofollow(self.tls_path))
         except FileNotFoundError:
             return None
+        if not isinstance(doc, dict):
+            raise ValueError("not a TLS material document")
         return TlsMaterial(
             doc["cert"],
             doc["key"],
@@ -144,5 +355,11 @@ class StateDir:
         )
 
     def trigger_refresh(self) -> None:
-        with open(self.trigger_path, "a"):
-            os.utime(self.trigger_path)
+        self.ensure()
+        fd = os.open(
+            self.trigger_path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            os.utime(fd)
+        finally:
+            os.close(fd)

@@ -11,7 +11,9 @@ endpoints with Consul's semantics -- blocking queries (``index``/``wait`` with j
 ``X-Consul-Index`` per result, ACL tokens, TTL/HTTP/TCP/alias checks, leaf renewal
 between 60% and 90% of the lifetime -- and adds failure switches for tests:
 :meth:`go_down` / :meth:`come_up` (same port), :meth:`hang`, :meth:`garbage`,
-:meth:`fail_with`, :meth:`set_index_backwards`.  See ``consul_api`` for endpoint
+:meth:`fail_with` (per path and datacenter), :meth:`lag`, :meth:`set_index_backwards`,
+:meth:`report_index_zero`, :meth:`return_early`. Switches also reach blocking queries
+already in flight.  See ``consul_api`` for endpoint
 details and ``consul_state`` for the data model.
 """
 
@@ -165,7 +167,11 @@ class ConsulDouble:
         self._stopped = False
         self._hanging = False
         self._garbage = False
-        self._failure: tuple[int, str] | None = None
+        # (path prefix or None, datacenter or None, status, body); first match wins.
+        self._failures: list[tuple[str | None, str | None, int, str]] = []
+        self._lags: list[tuple[str, float, bool]] = []
+        self._lagged = 0
+        self._switch_gen = 0
         self._hk_stop = threading.Event()
         self._hk_thread: threading.Thread | None = None
 
@@ -277,18 +283,91 @@ class ConsulDouble:
         """Accept and read requests but do not answer until ``hang(False)`` (or stop).
 
         A request is held at most ``HANG_LIMIT`` seconds, then its connection dropped.
+        Blocking queries already in flight are held too (their answer is not sent).
         """
         with self._gate:
             self._hanging = on
             self._gate.notify_all()
+        self._switched()
 
     def garbage(self, on: bool = True) -> None:
-        """Answer every request 200 with a body that is not valid JSON."""
+        """Answer every request 200 with a body that is not valid JSON (in-flight too)."""
         self._garbage = on
+        self._switched()
 
-    def fail_with(self, status: int | None, body: str = "") -> None:
-        """Answer every request with ``status``/``body`` (text/plain); ``None`` clears."""
-        self._failure = None if status is None else (int(status), body)
+    def fail_with(
+        self,
+        status: int | None,
+        body: str = "",
+        *,
+        path: str | None = None,
+        dc: str | None = None,
+    ) -> None:
+        """Answer requests with ``status``/``body`` (text/plain).
+
+        ``path`` (a prefix) and ``dc`` (the request's ``?dc=``, or the agent's) narrow it
+        to some requests; several such switches can be on at once. ``status=None`` clears
+        the switches with the same ``path``/``dc`` (all of them when both are None).
+        Blocking queries already in flight that a switch now matches answer with it at once.
+        """
+        if status is None:
+            if path is None and dc is None:
+                self._failures = []
+            else:
+                self._failures = [f for f in self._failures if (f[0], f[1]) != (path, dc)]
+        else:
+            kept = [f for f in self._failures if (f[0], f[1]) != (path, dc)]
+            self._failures = [(path, dc, int(status), body), *kept]
+        self._switched()
+
+    def lag(self, path: str | None, seconds: float = 0.0, *, blocking: bool = False) -> None:
+        """Compute answers to requests under ``path`` at once but send them ``seconds``
+        later (a slow link): the answer shows the state of when it was computed.
+        Only non-blocking requests unless ``blocking``. ``path=None`` clears every lag."""
+        if path is None:
+            self._lags = []
+        else:
+            self._lags = [*(x for x in self._lags if x[0] != path), (path, seconds, blocking)]
+
+    @property
+    def lagged(self) -> int:
+        """How many answers have been computed and held back by :meth:`lag` so far."""
+        with self._lock:
+            return self._lagged
+
+    def report_index_zero(self, on: bool = True) -> None:
+        """Send ``X-Consul-Index: 0`` on blocking endpoints (Consul's docs say it can be)."""
+        self.state.index_zero = on
+
+    def return_early(self, probability: float = 1.0) -> None:
+        """Make blocking queries return early with an unchanged index now and then, as
+        real Consul does (hashicorp/consul#3890); 0 turns it off."""
+        self.state.early_return = float(probability)
+        with self.state.cond:
+            self.state.cond.notify_all()
+
+    def _switched(self) -> None:
+        """A failure switch changed: in-flight requests re-evaluate what they answer."""
+        with self._lock:
+            self._switch_gen += 1
+        with self.state.cond:
+            self.state.cond.notify_all()
+
+    def _failure_for(self, req: Request) -> tuple[int, str] | None:
+        for path, dc, status, body in self._failures:
+            if path is not None and not req.path.startswith(path):
+                continue
+            if dc is not None and (req.arg("dc") or self.state.datacenter) != dc:
+                continue
+            return status, body
+        return None
+
+    def _lag_for(self, req: Request) -> float:
+        blocking = (req.arg("index") or "0") != "0"
+        for path, seconds, on_blocking in self._lags:
+            if req.path.startswith(path) and (on_blocking or not blocking):
+                return seconds
+        return 0.0
 
     # -- request log ------------------------------------------------------------------
     @property
@@ -562,6 +641,22 @@ class ConsulDouble:
                 self._gate.wait(min(remaining, 0.25))
         return self._life_gen == gen
 
+    def _switched_reply(self, req: Request) -> Reply | None:
+        failure = self._failure_for(req)
+        if failure is not None:
+            return Reply(
+                failure[0], failure[1].encode(), {"Content-Type": "text/plain; charset=utf-8"}
+            )
+        if self._garbage:
+            headers = {
+                "Content-Type": "application/json",
+                "X-Consul-Index": str(max(1, self.index)),
+                "X-Consul-KnownLeader": "true",
+                "X-Consul-LastContact": "0",
+            }
+            return Reply(200, GARBAGE_BODY, headers)
+        return None
+
     @staticmethod
     def _drop(handler: _Handler) -> None:
         handler.close_connection = True
@@ -590,33 +685,46 @@ class ConsulDouble:
         )
         with self._lock:
             self._log.append(record)
-        if not self._hold_if_hung(gen):
-            self._drop(handler)
-            return
-        failure = self._failure
-        if failure is not None:
-            reply = Reply(
-                failure[0], failure[1].encode(), {"Content-Type": "text/plain; charset=utf-8"}
-            )
-        elif self._garbage:
-            headers = {
-                "Content-Type": "application/json",
-                "X-Consul-Index": str(max(1, self.index)),
-                "X-Consul-KnownLeader": "true",
-                "X-Consul-LastContact": "0",
-            }
-            reply = Reply(200, GARBAGE_BODY, headers)
-        else:
-            try:
-                reply = self.api.handle(req, aborted=lambda: self._life_gen != gen or self._stopped)
-            except ConnectionAbortedError:
+        reply: Reply | None = None
+        for _ in range(50):  # each round: a switch changed while the request blocked
+            switch_gen = self._switch_gen
+            if not self._hold_if_hung(gen):
                 self._drop(handler)
                 return
+            reply = self._switched_reply(req)
+            if reply is not None:
+                break
+
+            def aborted(switch_gen: int = switch_gen) -> bool:
+                if self._life_gen != gen or self._stopped:
+                    return True
+                if self._switch_gen == switch_gen:
+                    return False
+                return self._hanging or self._switched_reply(req) is not None
+
+            try:
+                reply = self.api.handle(req, aborted=aborted)
+            except ConnectionAbortedError:
+                if self._life_gen != gen or self._stopped:
+                    self._drop(handler)
+                    return
+                continue  # a switch now applies to this in-flight query
             except Exception:
                 self._note_error(traceback.format_exc())
                 reply = Reply(
                     500, b"internal error in ConsulDouble", {"Content-Type": "text/plain"}
                 )
+            break
+        if reply is None:
+            self._drop(handler)
+            return
+        lag = self._lag_for(req)
+        if lag > 0:
+            with self._lock:
+                self._lagged += 1
+            until = time.monotonic() + min(lag, HANG_LIMIT)
+            while time.monotonic() < until and self._life_gen == gen and not self._stopped:
+                time.sleep(min(0.02, max(0.0, until - time.monotonic())))
         if self._life_gen != gen:
             self._drop(handler)
             return

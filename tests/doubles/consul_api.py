@@ -132,7 +132,8 @@ class ConsulAPI(WriteEndpoints):
         index, wait, consistency = self.blocking_params(req)
         got_index, payload = self.state.block(compute, index, wait, aborted=aborted)
         headers = {
-            "X-Consul-Index": str(max(1, got_index)),
+            # Consul's docs allow 0 here; clients must never block on it (they reset to 1).
+            "X-Consul-Index": "0" if self.state.index_zero else str(max(1, got_index)),
             "X-Consul-KnownLeader": "true",
             "X-Consul-LastContact": "0",
             "X-Consul-Effective-Consistency": consistency,

@@ -162,8 +162,14 @@ class EndpointBase:
 
     @staticmethod
     def check_ns(req: Request) -> None:
-        ns = req.arg("ns") or req.headers.get("x-consul-namespace") or ""
-        if ns not in ("", "default"):
+        # Consul CE (agent/http_ce.go parseEntMeta): any non-empty namespace, even
+        # "default", is refused; the header is checked first.
+        if req.headers.get("x-consul-namespace"):
+            raise HTTPError(
+                400,
+                'Invalid header: "X-Consul-Namespace" - Namespaces are a Consul Enterprise feature',
+            )
+        if req.arg("ns"):
             raise HTTPError(
                 400, 'Invalid query parameter: "ns" - Namespaces are a Consul Enterprise feature'
             )

@@ -54,6 +54,12 @@ class ConsulState:
         self.leaf_ttl = leaf_ttl
         self.restore_gen = 0
         self.abort_gen = 0
+        #: Answer ``X-Consul-Index: 0`` on blocking endpoints (the docs say it can happen).
+        self.index_zero = False
+        #: Probability that a blocking query returns early (within 0.1 s) with its index
+        #: unchanged, as real Consul does (hashicorp/consul#3890: a return is no proof of
+        #: change -- timeouts, idempotent writes, internal wake-ups).
+        self.early_return = 0.0
         self._index = 10
         self._idx: dict[tuple[str, ...], int] = {}
         self.nodes: dict[tuple[str, str], Node] = {}
@@ -520,9 +526,14 @@ class ConsulState:
         when ``aborted()`` turns true (the double went down or stopped).
         """
         deadline = time.monotonic() + wait
+        early_decided = False
         with self.cond:
             restore_gen = self.restore_gen
             while True:
+                if not early_decided and min_index > 0 and self.early_return > 0:
+                    early_decided = True  # once per query, also for queries in flight
+                    if self._rng.random() < self.early_return:
+                        deadline = min(deadline, time.monotonic() + self._rng.uniform(0, 0.1))
                 index, payload = compute()
                 index = max(index, 1)
                 if min_index <= 0 or index > min_index or self.restore_gen != restore_gen:

@@ -616,3 +616,110 @@ def test_rotate_ca(cd: ConsulDouble) -> None:
     x509.load_pem_x509_certificate(leaf["CertPEM"].encode()).verify_directly_issued_by(
         new_ca.certificate
     )
+
+
+# -- switches added for the discovery tests -----------------------------------------------
+
+
+def test_namespace_refused_even_default_as_consul_ce_does(cd: ConsulDouble) -> None:
+    cd.register("web", id="w1", port=1)
+    for query in ("?ns=default", "?ns=team-a"):
+        resp = get(cd, "/v1/health/service/web" + query)
+        assert resp.status_code == 400
+        assert resp.text.startswith('Invalid query parameter: "ns"')
+    resp = get(cd, "/v1/health/service/web", headers={"X-Consul-Namespace": "default"})
+    assert resp.status_code == 400 and "X-Consul-Namespace" in resp.text
+    assert get(cd, "/v1/health/service/web?ns=").status_code == 200  # empty: none given
+
+
+def test_failure_switch_per_path_and_datacenter() -> None:
+    with ConsulDouble(datacenters=("dc1", "dc2")) as cd:
+        cd.register("web", id="w1", port=1)
+        cd.register("api", id="a1", port=2)
+        cd.fail_with(500, "boom", path="/v1/health/service/api")
+        cd.fail_with(503, "dc2 down", dc="dc2")
+        assert get(cd, "/v1/health/service/web").status_code == 200
+        assert get(cd, "/v1/health/service/api").text == "boom"
+        assert get(cd, "/v1/catalog/services").status_code == 200
+        assert get(cd, "/v1/catalog/services?dc=dc2").text == "dc2 down"
+        cd.fail_with(None, path="/v1/health/service/api")
+        assert get(cd, "/v1/health/service/api").status_code == 200
+        assert get(cd, "/v1/health/service/web?dc=dc2").status_code == 503
+        cd.fail_with(None)
+        assert get(cd, "/v1/health/service/web?dc=dc2").status_code == 200
+
+
+@pytest.mark.parametrize("switch", ["fail", "garbage", "hang"])
+def test_switches_reach_blocking_queries_in_flight(cd: ConsulDouble, switch: str) -> None:
+    cd.register("web", id="w1", port=1)
+    index = get(cd, "/v1/health/service/web").headers["X-Consul-Index"]
+    thread, out = in_thread(
+        lambda: get(cd, f"/v1/health/service/web?index={index}&wait=20s", timeout=30)
+    )
+    time.sleep(0.3)
+    if switch == "fail":
+        cd.fail_with(500, "rpc error: No cluster leader", path="/v1/health/")
+    elif switch == "garbage":
+        cd.garbage(True)
+    else:
+        cd.hang(True)
+        time.sleep(0.3)
+        cd.register("web", id="w2", port=2)  # would wake the query: held by the hang
+        time.sleep(0.5)
+        assert thread.is_alive()
+        cd.hang(False)
+    thread.join(5)
+    assert not thread.is_alive() and out["elapsed"] < 3, out
+    resp = out["result"]
+    if switch == "fail":
+        assert resp.status_code == 500 and "No cluster leader" in resp.text
+    elif switch == "garbage":
+        assert resp.status_code == 200 and resp.content.startswith(b'[{"Node"')
+    else:
+        assert sorted(ids(resp)) == ["w1", "w2"]
+
+
+def test_unrelated_switch_leaves_blocking_queries_blocked(cd: ConsulDouble) -> None:
+    cd.register("web", id="w1", port=1)
+    index = get(cd, "/v1/health/service/web").headers["X-Consul-Index"]
+    thread, out = in_thread(lambda: get(cd, f"/v1/health/service/web?index={index}&wait=1s"))
+    time.sleep(0.2)
+    cd.fail_with(500, "x", path="/v1/health/service/api")
+    thread.join(5)
+    assert out["result"].status_code == 200 and out["elapsed"] >= 1.0
+
+
+def test_index_zero_and_early_returns(cd: ConsulDouble) -> None:
+    cd.register("web", id="w1", port=1)
+    index = get(cd, "/v1/health/service/web").headers["X-Consul-Index"]
+    cd.report_index_zero(True)
+    assert get(cd, "/v1/health/service/web").headers["X-Consul-Index"] == "0"
+    assert get(cd, "/v1/catalog/services").headers["X-Consul-Index"] == "0"
+    cd.report_index_zero(False)
+    cd.return_early(1.0)
+    start = time.monotonic()
+    resp = get(cd, f"/v1/health/service/web?index={index}&wait=10s")
+    assert time.monotonic() - start < 1.0
+    assert resp.headers["X-Consul-Index"] == index  # returned, nothing changed
+    cd.return_early(0)
+    start = time.monotonic()
+    get(cd, f"/v1/health/service/web?index={index}&wait=300ms")
+    assert time.monotonic() - start >= 0.3
+
+
+def test_lag_sends_the_state_of_when_the_answer_was_computed(cd: ConsulDouble) -> None:
+    cd.register("web", id="w1", port=1)
+    cd.lag("/v1/health/service/web", 1.0)
+    thread, out = in_thread(lambda: get(cd, "/v1/health/service/web"))
+    deadline = time.monotonic() + 5
+    while cd.lagged < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    cd.set_status("w1", "critical")
+    thread.join(5)
+    assert out["elapsed"] >= 1.0
+    assert [c["Status"] for c in out["result"].json()[0]["Checks"]][-1] == "passing"
+    index = get(cd, "/v1/health/service/web").headers["X-Consul-Index"]
+    start = time.monotonic()
+    get(cd, f"/v1/health/service/web?index={index}&wait=100ms")  # blocking: not lagged
+    assert time.monotonic() - start < 0.9
+    cd.lag(None)

@@ -190,3 +190,21 @@ def test_files_mode_rejects_peer_outside_trust_domain(ca, gateway_factory):
             gw = gateway_factory(cfg)
             r = requests.get(gw.url + "/web/x")
             assert r.status_code == 502 and r.json()["code"] == "upstream_identity_mismatch"
+
+
+def test_new_ca_roots_are_applied(ca, gateway_factory):
+    with ConsulDouble(ca=ca) as consul, MeshBackend(ca, "a", "web") as old_backend:
+        consul.register("web", id="web-1", port=9, connect_proxy_port=old_backend.port)
+        gw = gateway_factory(connect_config(consul))
+        assert requests.get(gw.url + "/web/x").status_code == 200
+        new = CertificateAuthority(trust_domain=ca.trust_domain)
+        consul.rotate_ca(new)  # new active root; leaves reissued from it
+        with MeshBackend(new, "b", "web") as backend:  # trusts and presents the new CA only
+            consul.deregister("web-1")
+            consul.register("web", id="web-2", port=9, connect_proxy_port=backend.port)
+
+            def served_by_b() -> bool:
+                r = requests.get(gw.url + "/web/x")
+                return r.status_code == 200 and r.json()["server"] == "b"
+
+            eventually(served_by_b, timeout=15, what="peer of the new CA verified")

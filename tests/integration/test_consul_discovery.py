@@ -32,7 +32,17 @@ def test_routing_follows_registrations_and_health(consul, gateway_factory, upstr
     consul.set_status("web-a", "critical")
     eventually(lambda: servers(gw, "/web/x") == {"b"}, what="a critical")
     consul.set_status("web-a", "warning")
-    time.sleep(1)
+    eventually(
+        lambda: (
+            {
+                t["serviceId"]: t["status"]
+                for t in gw.admin("services").json()["services"][0]["targets"]
+            }["web-a"]
+            == "warning"
+        ),
+        what="warning arrived",
+    )
+    time.sleep(0.6)  # every worker has the snapshot that says so
     assert servers(gw, "/web/x") == {"b"}, "warning is not healthy by default"
     consul.set_status("web-a", "passing")
     eventually(lambda: servers(gw, "/web/x", 12) == {"a", "b"}, what="a passing again")
@@ -98,6 +108,11 @@ def test_mesh_service_name_and_static_fallback_until_mesh_answers(
         assert consul.port == port
         consul.register("web-v2", id="v2", port=upstream.port)
         eventually(lambda: servers(gw, "/web/x") == {"a"}, timeout=15, what="mesh took over")
+        # Once the mesh has answered, no instances means 503, never the static targets.
+        consul.deregister("v2")
+        eventually(lambda: servers(gw, "/web/x") == {"http-503"}, what="no instances")
+        time.sleep(2.5)  # a full pass too
+        assert servers(gw, "/web/x") == {"http-503"}
     finally:
         consul.stop()
 
@@ -124,7 +139,7 @@ def test_datacenter_failover(gateway_factory, upstream, upstream_b):
 
 def test_outage_keeps_last_snapshot_and_reports(consul, gateway_factory, upstream):
     consul.register("web", id="web-a", port=upstream.port)
-    gw = gateway_factory(consul_config(consul, WEB), workers=2)
+    gw = gateway_factory(consul_config(consul, WEB, timeout="1s"), workers=2)
     with Traffic(gw.url + "/web/x") as traffic:
         time.sleep(0.5)
         consul.go_down()
@@ -141,7 +156,10 @@ def test_outage_keeps_last_snapshot_and_reports(consul, gateway_factory, upstrea
         )
         consul.garbage(False)
         consul.hang(True)
-        time.sleep(2.5)
+        eventually(  # the full pass's calls end at consul.timeout, not never
+            lambda: "did not answer in time" in (gw.admin("mesh").json()["lastError"] or ""),
+            what="per-call timeout reported",
+        )
         consul.hang(False)
         consul.fail_with(500, "rpc error: No cluster leader")
         eventually(
@@ -240,13 +258,29 @@ def test_bad_token_is_reported_without_leaking(gateway_factory, upstream):
         assert servers(gw, "/web/x") == {"a"}  # static targets: the mesh never answered
 
 
+def full_passes(consul) -> int:
+    """Catalog listings without ``index``: only a full pass asks those (watches block)."""
+    return sum(
+        1 for q in consul.requests_matching("/v1/catalog/services") if "index" not in q.query
+    )
+
+
 def test_refresh_endpoint_and_metrics(consul, gateway_factory, upstream):
     consul.register("web", id="web-a", port=upstream.port)
-    gw = gateway_factory(consul_config(consul, WEB, blockingWait="10s"), workers=2)
-    before = consul.count("/v1/catalog/services")
-    r = gw.admin("mesh/refresh", method="POST")
-    assert r.status_code == 202
-    eventually(lambda: consul.count("/v1/catalog/services") > before, what="refresh ran")
+    cfg = consul_config(consul, WEB, blockingWait="10s")
+    cfg["serviceMesh"]["refreshInterval"] = "60s"
+    gw = gateway_factory(cfg, workers=2)
+    eventually(lambda: full_passes(consul) >= 1, what="first full pass")
+    time.sleep(1.0)
+    before = full_passes(consul)
+    time.sleep(1.0)
+    assert full_passes(consul) == before, "no pass happens on its own in this window"
+    for _ in range(2):  # whichever worker answers: the leader itself, or via the trigger
+        r = gw.admin("mesh/refresh", method="POST")
+        assert r.status_code == 202
+        eventually(lambda b=before: full_passes(consul) > b, timeout=5, what="refresh ran")
+        time.sleep(0.3)
+        before = full_passes(consul)
     text = requests.get(gw.url + "/metrics").text
     assert 'odin_mesh_endpoints{health="healthy",service="web"} 1.0' in text
     assert 'odin_mesh_discovery_attempts_total{mesh="consul",result="ok"}' in text
@@ -315,3 +349,99 @@ def test_namespace_sent_only_when_set(gateway_factory, upstream):
         gateway_factory(consul_config(consul, WEB, namespace="team-a"), wait_ready=False)
         consul.wait_for_requests("/v1/health/", n=1, timeout=10)
         assert all(q.query.get("ns") == ["team-a"] for q in consul.requests_matching("/v1/"))
+
+
+def test_one_service_failing_keeps_its_last_good(consul, gateway_factory, upstream, upstream_b):
+    consul.register("web", id="web-a", port=upstream.port)
+    consul.register("api", id="api-b", port=upstream_b.port)
+    services = [{"name": "web", "basePath": "/web"}, {"name": "api", "basePath": "/api"}]
+    gw = gateway_factory(consul_config(consul, services))
+    assert servers(gw, "/api/x") == {"b"}
+    consul.fail_with(500, "rpc error: api broken", path="/v1/health/service/api")
+    consul.register("web", id="web-b", port=upstream_b.port)
+    eventually(lambda: servers(gw, "/web/x", 12) == {"a", "b"}, what="web still refreshed")
+    attempts = gw.admin("mesh").json()["lastAttempt"]
+    eventually(  # a full pass ran with api failing
+        lambda: (
+            (m := gw.admin("mesh").json())["lastAttempt"] != attempts
+            and "api broken" in (m["lastError"] or "")
+        ),
+        what="api failure reported by a full pass",
+    )
+    time.sleep(2.5)  # and another one
+    assert servers(gw, "/api/x") == {"b"}, "the last good answer for api stays"
+    consul.fail_with(None)
+
+
+def test_full_pass_never_puts_back_an_older_answer(consul, gateway_factory, upstream, upstream_b):
+    # The full pass asks web then api. web's instance goes critical after the pass computed
+    # its view: the blocking query brings the change; the pass must not undo it, neither by
+    # storing its older answer (index) nor by publishing a view merged before (stamp).
+    consul.register("web", id="web-a", port=upstream.port)
+    consul.register("web", id="web-b", port=upstream_b.port)
+    consul.register("api", id="api-a", port=upstream.port)
+    services = [{"name": "web", "basePath": "/web"}, {"name": "api", "basePath": "/api"}]
+    gw = gateway_factory(consul_config(consul, services))
+
+    def healthy_a() -> bool:
+        web = next(s for s in gw.admin("services").json()["services"] if s["name"] == "web")
+        return {t["serviceId"]: t["healthy"] for t in web["targets"]}["web-a"]
+
+    for lagged in ("/v1/health/service/web", "/v1/health/service/api"):
+        consul.lag(lagged, 1.2)  # the next full pass's answer arrives late
+        start = consul.lagged
+        eventually(lambda start=start: consul.lagged > start, what="full pass asked")
+        consul.set_status("web-a", "critical")
+        eventually(lambda: not healthy_a(), what="blocking query brought the change")
+        deadline = time.monotonic() + 3.0  # covers the late answer and the pass's publish
+        while time.monotonic() < deadline:
+            assert not healthy_a(), f"an older answer came back ({lagged} lagged)"
+            time.sleep(0.1)
+        consul.lag(None)
+        consul.set_status("web-a", "passing")
+        eventually(healthy_a, what="web-a passing again")
+
+
+def test_new_leader_keeps_datacenters_that_do_not_answer(gateway_factory, upstream, upstream_b):
+    with ConsulDouble(datacenters=("dc1", "dc2")) as consul:
+        consul.register("web", id="a1", port=upstream.port, datacenter="dc1", status="critical")
+        consul.register("web", id="b2", port=upstream_b.port, datacenter="dc2", node="n2")
+        gw = gateway_factory(consul_config(consul, WEB, datacenters=["dc1", "dc2"]), workers=2)
+        assert servers(gw, "/web/x") == {"b"}
+        leader = gw.admin("mesh").json()["leaderPid"]
+        consul.fail_with(500, "rpc error: dc2 unreachable", dc="dc2")
+        with Traffic(gw.url + "/web/x") as traffic:
+            time.sleep(0.3)
+            os.kill(leader, signal.SIGKILL)
+            eventually(
+                lambda: gw.admin("mesh").json()["leaderPid"] not in (None, leader),
+                timeout=15,
+                what="new leader",
+            )
+            consul.clear_log()
+            consul.wait_for_requests("/v1/health/", n=2, timeout=10)  # dc1 answered
+            time.sleep(2.5)  # and a full pass with dc2 failing
+        failures = [c for c in traffic.codes if c != 200]
+        assert len(failures) <= 2, traffic.errors[:5]  # the killed worker's sockets
+        assert traffic.codes[-20:] == [200] * 20
+        assert servers(gw, "/web/x") == {"b"}
+        consul.fail_with(None)
+
+
+def test_one_failing_datacenter_does_not_flap(gateway_factory, upstream, upstream_b):
+    with ConsulDouble(datacenters=("dc1", "dc2")) as consul:
+        consul.register("web", id="a1", port=upstream.port, datacenter="dc1")
+        gw = gateway_factory(consul_config(consul, WEB, datacenters=["dc1", "dc2"]))
+        consul.fail_with(500, "rpc error: dc2 unreachable", dc="dc2")
+        eventually(lambda: gw.admin("mesh").json()["lastError"], what="dc2 failure shown")
+        errors = []
+        for i in range(8):  # dc1 keeps answering with news
+            consul.set_status("a1", "warning" if i % 2 == 0 else "passing")
+            time.sleep(0.4)
+            errors.append(gw.admin("mesh").json()["lastError"])
+        assert all(e and "dc2 unreachable" in e for e in errors), errors
+        consul.fail_with(None)
+        eventually(lambda: gw.admin("mesh").json()["lastError"] is None, timeout=15, what="clear")
+        log = gw.log()
+        assert log.count("discovery recovered") == 1, log[-3000:]
+        assert log.count("discovery failing") + log.count("could not be refreshed") == 1

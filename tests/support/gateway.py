@@ -26,6 +26,9 @@ class GatewayProcess:
 
     ``server.host``/``port`` and ``admin.token`` are filled in unless given. Output goes
     to a log file whose text is available as ``.log()`` (shown when start-up fails).
+    ``serviceMesh.stateDir`` defaults to a private dir of this gateway; give it as
+    ``None`` to use the instance default. ``bind`` adds gunicorn's ``-b`` (which wins over
+    ``server.port``; ``.url`` follows it) and ``args`` more gunicorn arguments.
     """
 
     def __init__(
@@ -35,6 +38,8 @@ class GatewayProcess:
         threads: int = 8,
         env: dict[str, str] | None = None,
         state_dir: str | None = None,
+        bind: str | None = None,
+        args: list[str] | tuple[str, ...] = (),
     ) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="odin-gw-test-")
         config = dict(config)
@@ -50,6 +55,10 @@ class GatewayProcess:
             config["serviceMesh"] = mesh
         self.config = config
         self.port = server["port"]
+        self.args = list(args)
+        if bind is not None:
+            self.args[:0] = ["-b", bind]
+            self.port = int(bind.rsplit(":", 1)[1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = os.path.join(self.tmp.name, "config.yaml")
         with open(self.config_path, "w") as fh:
@@ -76,7 +85,7 @@ class GatewayProcess:
     def start(self, wait_ready: bool = True, timeout: float = 30.0) -> GatewayProcess:
         self._logfile = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [GUNICORN, "-c", "gunicorn.conf.py", "wsgi:app"],
+            [GUNICORN, "-c", "gunicorn.conf.py", "wsgi:app", *self.args],
             cwd=ROOT,
             env=self.env,
             stdout=self._logfile,
@@ -110,6 +119,17 @@ class GatewayProcess:
         except OSError:
             return []
         return [int(p) for p in text.split()]
+
+    def write_config(self, config: dict | str) -> None:
+        """Replace the config file (a dict is dumped as YAML, a str written as it is)."""
+        text = config if isinstance(config, str) else yaml.safe_dump(config)
+        with open(self.config_path, "w") as fh:
+            fh.write(text)
+
+    def reload(self) -> None:
+        """``kill -HUP`` the master: gunicorn re-reads its settings and replaces workers."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGHUP)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

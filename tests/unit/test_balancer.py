@@ -110,3 +110,37 @@ def test_passive_health_backoff_doubles_and_each_ejection_needs_a_full_run():
     ph.failed(A.key)  # third: 16 s, reported rounded to the millisecond
     now[0] += 0.2004
     assert ph.status(A.key) == {"ejected": True, "ejectedFor": 15.8}
+
+
+def test_passive_health_forgets_targets_that_left():
+    ph = PassiveHealth(PassiveHealthConfig(1, 5.0, 60.0), clock=lambda: 0.0)
+    ph.failed("http://a:1")
+    ph.failed("http://b:1")
+    ph.prune({"http://b:1"})
+    assert ph.available("http://a:1") and ph.status("http://a:1")["recentFailures"] == 0
+    assert not ph.available("http://b:1")
+
+
+def test_gateway_prunes_passive_health_on_a_new_snapshot(tmp_path):
+    from odin_gw.config import parse_config
+    from odin_gw.gateway import Gateway
+    from odin_gw.mesh.snapshot import ServiceEndpoints, Snapshot
+
+    cfg = parse_config(
+        "services:\n - {name: web, basePath: /web, targets: ['http://127.0.0.1:9']}\n"
+    )
+    gw = Gateway(cfg)
+    try:
+        route = next(iter(gw.routes))
+        a, b = Endpoint("127.0.0.1", 1), Endpoint("127.0.0.1", 2)
+        gw._on_snapshot(
+            Snapshot().with_services({"web": ServiceEndpoints("web", (a, b), "consul")}), None
+        )
+        route.health.failed(a.key)
+        route.health.failed(b.key)
+        gw._on_snapshot(
+            Snapshot().with_services({"web": ServiceEndpoints("web", (b,), "consul")}), None
+        )
+        assert set(route.health._states) == {b.key}
+    finally:
+        gw.session.close()

@@ -336,3 +336,22 @@ def test_trusted_proxies_parsed():
     ]
     found = problems("server: {trustedProxies: [nonsense]}\n")
     assert "server.trustedProxies[0]: not a CIDR or address: 'nonsense'" in found
+
+
+def test_consul_token_file(tmp_path):
+    path = tmp_path / "token"
+    path.write_text("secret\n")
+    cfg = parse_config(f"serviceMesh:\n  consul: {{tokenFile: '{path}'}}\n")
+    assert cfg.service_mesh.consul.token_file == str(path)
+    assert cfg.service_mesh.consul.token is None
+    both = problems(f"serviceMesh:\n  consul: {{token: t, tokenFile: '{path}'}}\n")
+    assert any("not both" in p for p in both), both
+    missing = problems(f"serviceMesh:\n  consul: {{tokenFile: '{tmp_path / 'nope'}'}}\n")
+    assert any(p.startswith("serviceMesh.consul.tokenFile: cannot read") for p in missing)
+    fwd = problems(f"serviceMesh:\n  consul: {{tokenFile: '{path}', forwardToken: true}}\n")
+    assert any("forwardToken" in p for p in fwd), fwd
+
+
+def test_consul_sub_second_blocking_wait():
+    cfg = parse_config("serviceMesh:\n  consul: {blockingWait: 500ms}\n")
+    assert cfg.service_mesh.consul.blocking_wait == 0.5
