@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test unit integration bench mutate lint check-config clean
+.PHONY: run test unit integration bench bench-scale mutate lint check-config clean
 
 $(STAMP): requirements.txt requirements-dev.txt setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: $(STAMP)
 		(apt-get update -qq && apt-get install -y -qq nginx wrk >/dev/null)
 	@command -v wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
 	$(PY) -m bench.run
+
+## bench-scale: Consul discovery at 1,000 services x 10 instances, 2 workers (figures vs targets)
+bench-scale: $(STAMP)
+	$(PY) -m bench.scale
 
 ## mutate: mutation testing (mutmut) of MODULES against the in-process suites
 MODULES ?= odin_gw.proxy odin_gw.passive_health odin_gw.admin odin_gw.edge_worker odin_gw.edge_reader \

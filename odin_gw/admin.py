@@ -84,23 +84,40 @@ def services():
     for route in gateway.routes:
         service, active, dc = gateway.view(route)
         active_keys = {e.key for e in active}
-        out.append(
-            {
-                "name": route.name,
-                "basePath": route.base_path,
-                "meshService": route.mesh_service,
-                "source": service.source,
-                "servingDatacenter": dc,
-                "datacenters": [d for d in service.datacenters if d],
-                "targets": [_endpoint(e, route, e.key in active_keys) for e in service.endpoints],
-            }
-        )
+        doc = {
+            "name": route.name,
+            "basePath": route.base_path,
+            "meshService": route.mesh_service,
+            "source": service.source,
+            "servingDatacenter": dc,
+            "datacenters": [d for d in service.datacenters if d],
+            "targets": [_endpoint(e, route, e.key in active_keys) for e in service.endpoints],
+        }
+        if route.sidecar is not None:
+            doc["sidecar"] = _sidecar(route)
+        out.append(doc)
     return jsonify(
         mesh=gateway.mesh.mesh.kind,
         snapshotAgeSeconds=None if age is None else round(age, 3),
         snapshotVersion=snap.version,
         services=out,
     )
+
+
+def _sidecar(route) -> dict:
+    """Where a ``connectMode: sidecar`` route's requests go (every one of them)."""
+    from .mesh.consul_sidecar import NOTE
+
+    ep = route.sidecar
+    tproxy = ".virtual." in ep.address
+    return {
+        "url": f"http://{ep.host_header}",
+        "mode": "transparent-proxy" if tproxy else "explicit-upstream",
+        "mtls": "sidecar",
+        "loadBalancing": "sidecar",
+        "note": NOTE,
+        "passive": route.health.status(ep.key),
+    }
 
 
 def _endpoint(e: Endpoint, route, active: bool) -> dict:

@@ -24,6 +24,11 @@ class Route:
     ``timeout.read_timeout`` (the service's ``timeout``) is a deadline for the upstream's
     answer head, shared by every attempt of a request; ``idle_timeout`` (``idleTimeout``,
     default: the same) bounds each silence while a body streams either way.
+
+    ``sidecar`` (``consul.connectMode: sidecar``) is where every request of the route
+    goes, in plain HTTP: an explicit upstream listener of the gateway's own Consul
+    sidecar, or ``<meshService>.virtual.consul`` through its transparent proxy. The sidecar
+    does mTLS and load balancing; discovered instances are only shown.
     """
 
     name: str
@@ -40,6 +45,7 @@ class Route:
     base_depth: int = field(default=0)
     idle_timeout: float = 0.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    sidecar: Endpoint | None = None
 
     @classmethod
     def from_config(cls, svc: ServiceConfig, gateway: GatewayConfig) -> Route:
@@ -76,6 +82,7 @@ class Route:
             base_depth=0 if svc.base_path == "/" else svc.base_path.count("/"),
             idle_timeout=svc.idle_timeout or read,
             retry=RetryPolicy(others=svc.retries),
+            sidecar=sidecar_endpoint(svc, gateway),
         )
 
     def upstream_path(self, raw_path: str) -> str:
@@ -92,6 +99,29 @@ class Route:
             if cut < 0:
                 return "/"
         return raw_path[cut:]
+
+
+def sidecar_endpoint(svc: ServiceConfig, gateway: GatewayConfig) -> Endpoint | None:
+    """The gateway's own sidecar as the one endpoint of ``svc`` (``connectMode: sidecar``),
+    else ``None``.
+
+    With ``upstream`` it is that explicit upstream listener (``127.0.0.1:<port>``).
+    Without, the transparent proxy's virtual name of the Consul service,
+    ``<meshService>.virtual[.<namespace>.ns].consul`` (Consul DNS), on ``port``, else the
+    port of the first static target, else 80. Plain HTTP either way: the sidecar
+    originates the mTLS.
+    """
+    mesh = gateway.service_mesh
+    if mesh.kind != "consul" or not mesh.consul.sidecar:
+        return None
+    if svc.upstream is not None:
+        address, port = svc.upstream
+        return Endpoint(address=address, port=port, scheme="http")
+    service = svc.mesh_service or svc.name
+    ns = mesh.consul.namespace
+    name = f"{service}.virtual.{ns}.ns.consul" if ns else f"{service}.virtual.consul"
+    port = svc.port or (svc.targets[0].port if svc.targets else 80)
+    return Endpoint(address=name, port=port, scheme="http")
 
 
 def _authority(url: str) -> str:

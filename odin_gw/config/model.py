@@ -81,6 +81,11 @@ class ServiceConfig:
     idle_timeout: float | None = None
     ca_file: str | None = None
     passive_health: PassiveHealthConfig = field(default_factory=PassiveHealthConfig)
+    # consul.connectMode sidecar: the explicit upstream listener of the gateway's own
+    # sidecar ("127.0.0.1", port), or None for transparent proxy to
+    # <meshService>.virtual.consul:<port> (``port``: None means the first target's, or 80).
+    upstream: tuple[str, int] | None = None
+    port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,14 @@ class ConsulConfig:
     timeout: float = 10.0
     blocking_wait: float = 300.0
     min_query_interval: float = 0.5
+    #: ``native``: the gateway does Connect mTLS itself (leaf + roots from the agent);
+    #: ``sidecar``: its own Consul dataplane/Envoy sidecar does (plain HTTP to it).
+    connect_mode: str = "native"
+
+    @property
+    def sidecar(self) -> bool:
+        """Whether the gateway's own sidecar does mTLS and balancing (connectMode sidecar)."""
+        return self.connect_mode == "sidecar"
 
     @property
     def all_datacenters(self) -> tuple[str | None, ...]:

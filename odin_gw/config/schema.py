@@ -22,6 +22,7 @@ from .durations import parse_duration
 LOAD_BALANCING = ("round-robin", "random", "weighted", "least-request")
 MESH_TYPES = ("istio", "linkerd", "consul", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+CONNECT_MODES = ("native", "sidecar")
 
 
 class Duration(fields.Field):
@@ -95,6 +96,46 @@ class Network(fields.Field):
             return ipaddress.ip_network(value.strip(), strict=False)
         except ValueError as exc:
             raise ValidationError(f"not a CIDR or address: {value!r}") from exc
+
+
+class Upstream(fields.Field):
+    """``services[].upstream``: ``host:port`` of an explicit upstream listener of the
+    gateway's own Consul sidecar. Loopback only (``127.0.0.0/8``, ``[::1]``, ``localhost``
+    meaning 127.0.0.1, Consul's default ``local_bind_address``): the gateway sends plain
+    HTTP there, which must never leave the host."""
+
+    def _deserialize(self, value, attr, data, **kwargs) -> tuple[str, int]:
+        return parse_upstream(value)
+
+
+def parse_upstream(value: object) -> tuple[str, int]:
+    """``(address, port)`` of a loopback ``host:port``; ``ValidationError`` otherwise."""
+    example = "such as 127.0.0.1:21000 (the sidecar's explicit upstream listener)"
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(f"must be host:port {example}")
+    text = value.strip()
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValidationError(f"{value!r} must be host:port with a port 1-65535, {example}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValidationError(f"{value!r}: write an IPv6 address in brackets, as [::1]:21000")
+    if host.lower() == "localhost":
+        host = "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValidationError(
+            f"{value!r}: the host must be a loopback IP address (127.0.0.1, [::1]) or "
+            "localhost, not a name"
+        ) from None
+    if not address.is_loopback:
+        raise ValidationError(
+            f"{value!r} is not a loopback address: the gateway sends plain HTTP to its "
+            "sidecar, which must not leave the host (explicit upstreams listen on 127.0.0.1)"
+        )
+    return str(address), int(port_text)
 
 
 def parse_target(url: str, weight: int = 1) -> model.Target:
@@ -225,6 +266,9 @@ class ServiceSchema(Section):
     passive_health = fields.Nested(
         PassiveHealthSchema, data_key="passiveHealth", load_default=model.PassiveHealthConfig
     )
+    # consul.connectMode sidecar only (checked in GatewaySchema.check_services).
+    upstream = Upstream(load_default=None, allow_none=True)
+    port = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(1, 65535))
 
     @validates_schema
     def check(self, data, **kwargs):
@@ -305,6 +349,9 @@ class ConsulSchema(Section):
     timeout = Duration(load_default=10.0)
     blocking_wait = Duration(data_key="blockingWait", load_default=300.0)
     min_query_interval = Duration(data_key="minQueryInterval", load_default=0.5, positive=False)
+    connect_mode = fields.String(
+        data_key="connectMode", load_default="native", validate=validate.OneOf(CONNECT_MODES)
+    )
 
     @validates_schema
     def check(self, data, **kwargs):
@@ -371,6 +418,8 @@ class MeshSchema(Section):
         consul = data.get("consul")
         if data.get("type") == "consul" and consul is not None and consul.enable_connect:
             return  # Connect supplies the certificates
+        if data.get("type") == "consul" and consul is not None and consul.sidecar:
+            return  # the gateway's own sidecar does mTLS
         if data.get("type") == "istio" and data.get("istio", model.IstioConfig()).inject_sidecar:
             return  # the sidecar does mTLS
         missing = [k for k, a in _TLS_FILES.items() if not data.get(a)]
@@ -406,6 +455,8 @@ class GatewaySchema(Section):
         if not isinstance(monitoring, model.MonitoringConfig):
             monitoring = model.MonitoringConfig()
         mesh = data.get("service_mesh")
+        # A serviceMesh section that failed to load has its own errors: no guesses here.
+        mesh_known = isinstance(mesh, model.MeshConfig) or "serviceMesh" not in original
         if not isinstance(mesh, model.MeshConfig):
             mesh = model.MeshConfig()
         reserved = model.GatewayConfig(monitoring=monitoring).reserved_paths()
@@ -417,9 +468,39 @@ class GatewaySchema(Section):
 
         names: dict[str, int] = {}
         bases: dict[str, int] = {}
+        upstreams: dict[tuple[str, int], tuple[int, object]] = {}
+        sidecar = mesh.kind == "consul" and mesh.consul.sidecar
         for i, entry in enumerate(given):
             if not isinstance(entry, dict):
                 continue
+            for key in ("upstream", "port"):
+                if entry.get(key) is not None and not sidecar and mesh_known:
+                    add(
+                        i,
+                        key,
+                        "only used with serviceMesh.consul.connectMode: sidecar (the gateway's "
+                        "own Consul sidecar); here "
+                        + (
+                            f"connectMode is {mesh.consul.connect_mode}"
+                            if mesh.kind == "consul"
+                            else f"serviceMesh is {mesh.kind}"
+                        ),
+                    )
+            if sidecar and entry.get("upstream") is not None:
+                try:
+                    listener = parse_upstream(entry["upstream"])
+                except ValidationError:
+                    listener = None  # reported by the field itself
+                target = entry.get("meshService") or entry.get("name")
+                if listener is not None:
+                    j, other = upstreams.setdefault(listener, (i, target))
+                    if other != target:
+                        add(
+                            i,
+                            "upstream",
+                            f"the same listener as services[{j}].upstream, which leads to "
+                            f"{other}: one explicit upstream leads to one Consul service",
+                        )
             name = entry.get("name")
             if isinstance(name, str):
                 if name in names:

@@ -6,22 +6,32 @@ the README for why). Every call goes through py-consul's low-level ``http.get`` 
 and lets us pass ``index``/``wait``/``dc``/``ns`` uniformly, including for the Connect
 leaf and roots endpoints its high-level API cannot block on. Nothing outside this module
 sees py-consul or Consul's JSON.
+
+The exception is the many: the per-service blocking queries (one per service and
+datacenter) and the full pass's health queries run as asyncio tasks in one thread, each
+on a keep-alive connection of its own (``_Wire``, standard library only). Their URLs,
+timeouts and answer handling are still py-consul's (``http.uri``, ``http.timeout``,
+``CB.json``), so index, error and timeout behaviour is the same as ``_get``'s.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
+import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
 import consul
 import requests
+from consul import base as consul_base
 from consul.callback import CB
 from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
 
 from .. import __version__
 from ..config.model import ConsulConfig, MeshConfig
@@ -35,6 +45,8 @@ log = logging.getLogger("odin_gw.mesh.consul")
 MAX_BACKOFF = 30.0
 #: requests' default pool size; grown to the number of concurrent calls (watches).
 DEFAULT_POOL = 10
+#: Connections opened (and first, immediate answers asked) at once by the service watches.
+OPENING = 8
 
 
 class ConsulClient:
@@ -59,6 +71,8 @@ class ConsulClient:
             verify=verify,
             connections_timeout=self.cfg.timeout,
         )
+        self._verify = verify
+        self._ssl: ssl.SSLContext | None = None  # for the event-loop connections (_Wire)
         # py-consul lets CONSUL_HTTP_TOKEN beat its ``token`` argument; the config decides
         # here (``token: ${CONSUL_HTTP_TOKEN}`` uses the variable on purpose).
         self._consul.token = None
@@ -93,6 +107,9 @@ class ConsulClient:
         # what -> error of every blocking-query loop failing now (carried on every answer,
         # so one failing datacenter does not make lastError come and go).
         self._watch_errors: dict[str, str] = {}
+        # (service, dc) -> monotonic time of the last answer a blocking query got: a full
+        # pass does not ask again what a watch answered after the pass started.
+        self._answered_at: dict[tuple[str, str | None], float] = {}
 
     # -- one-shot calls ---------------------------------------------------------------
     def _get(
@@ -193,6 +210,11 @@ class ConsulClient:
         Consul's ``?passing`` does: every check, node checks included)."""
         kind = "connect" if self.cfg.enable_connect else "service"
         idx, data = self._get(f"/v1/health/{kind}/{service}", dc=dc, index=index)
+        return idx, self._instances_from(service, dc, kind, data)
+
+    def _instances_from(
+        self, service: str, dc: str | None, kind: str, data: object
+    ) -> tuple[Endpoint, ...]:
         if data is None:
             data = []
         if not isinstance(data, list):
@@ -201,7 +223,7 @@ class ConsulClient:
             endpoints = tuple(self._endpoint(service, entry, dc) for entry in data)
         except (KeyError, TypeError, ValueError) as exc:
             raise MeshError(f"health/{kind}/{service}: malformed entry ({exc!r})") from None
-        return idx, endpoints
+        return endpoints
 
     def _endpoint(self, service: str, entry: dict, dc: str | None) -> Endpoint:
         node = entry["Node"]
@@ -250,8 +272,22 @@ class ConsulClient:
         return f"spiffe://{td}/ns/{ns}/dc/{dc}/svc/{service}"
 
     def roots(self, index: int = 0) -> tuple[int, str, str]:
-        """(index, trust domain, PEM bundle of every root and intermediate)."""
-        idx, data = self._get("/v1/agent/connect/ca/roots", index=index)
+        """(index, trust domain, PEM bundle of every root and intermediate).
+
+        From the agent's ``/v1/agent/connect/ca/roots``; where the agent has no such
+        endpoint (see ``_agent_connect``), from the servers' ``/v1/connect/ca/roots`` (same
+        body, blocking too, no ACL needed), remembered for the next calls.
+        """
+        if getattr(self, "_roots_path", AGENT_ROOTS) == AGENT_ROOTS:
+            try:
+                idx, data = self._agent_connect(AGENT_ROOTS, index)
+            except AgentConnectMissing:
+                if getattr(self, "_roots_path", AGENT_ROOTS) == AGENT_ROOTS:
+                    log.info("the Consul agent has no %s: using %s", AGENT_ROOTS, SERVER_ROOTS)
+                self._roots_path = SERVER_ROOTS
+                idx, data = self._get(SERVER_ROOTS, index=0)
+        else:
+            idx, data = self._get(SERVER_ROOTS, index=index)
         try:
             trust_domain = data["TrustDomain"]
             pems = []
@@ -267,12 +303,70 @@ class ConsulClient:
         return idx, trust_domain, "".join(pems)
 
     def leaf(self, index: int = 0) -> tuple[int, str, str]:
-        """(index, certificate chain PEM, private key PEM) of the gateway's own leaf."""
-        idx, data = self._get(f"/v1/agent/connect/ca/leaf/{self.cfg.service_name}", index=index)
+        """(index, certificate chain PEM, private key PEM) of the gateway's own leaf.
+
+        Only an agent issues one: an agent without the endpoint gets ``MeshError`` saying
+        to use ``connectMode: sidecar`` (see ``_agent_connect``).
+        """
+        if self.cfg.sidecar:
+            raise MeshError("connectMode sidecar: the gateway's sidecar holds the leaf")
+        path = f"{AGENT_LEAF}{self.cfg.service_name}"
+        try:
+            idx, data = self._agent_connect(path, index)
+        except AgentConnectMissing as exc:
+            raise MeshError(
+                f"GET {path}: the Consul agent at {self.cfg.http_addr} has no leaf "
+                f"certificate endpoint ({exc}). A Consul server with /v1/agent/ blocked, a "
+                "proxy in front of the servers, or an agentless install (Consul 1.14+ with "
+                "consul-dataplane) cannot issue the gateway's certificate: run the gateway "
+                "with its own Consul sidecar and set serviceMesh.consul.connectMode: sidecar"
+            ) from None
         try:
             return idx, data["CertPEM"], data["PrivateKeyPEM"]
         except (KeyError, TypeError) as exc:
             raise MeshError(f"agent/connect/ca/leaf: malformed answer ({exc!r})") from None
+
+    def _agent_connect(self, path: str, index: int) -> tuple[int, object]:
+        """GET an agent Connect endpoint (roots, leaf) like ``_get`` does, telling apart an
+        agent that does not serve it: ``AgentConnectMissing`` for a 404 (Consul's "Invalid
+        URL path: not a recognized HTTP API endpoint", or a proxy exposing only some paths)
+        or a 403 "Endpoint is blocked by agent configuration" (``http_config.
+        block_endpoints``). A Consul server is an agent and serves both endpoints unless
+        blocked; a 403 about the token stays an ACL error."""
+        params: list[tuple[str, str]] = []
+        if self.cfg.namespace:
+            params.append(("ns", self.cfg.namespace))
+        if index:
+            params.append(("index", str(index)))
+            params.append(("wait", go_duration(self.cfg.blocking_wait)))
+        as_json = CB.json(index=True)
+
+        def answer(response):
+            body = " ".join(str(response.body or "").split())[:160]
+            if response.code == 404 or (response.code == 403 and BLOCKED in body):
+                raise AgentConnectMissing(f"{response.code} {body or 'no body'}")
+            return as_json(response)
+
+        token = self._token()
+        try:
+            raw_index, data = self._consul.http.get(
+                answer, path, params=params, headers={"X-Consul-Token": token} if token else {}
+            )
+        except consul.ACLPermissionDenied as exc:
+            denied = f"Consul refused the ACL token (403 {_short(exc)})"
+            raise MeshError(f"GET {path}: {denied}") from None
+        except consul.ConsulException as exc:
+            raise MeshError(f"GET {path}: {_short(exc)}") from None
+        except requests.Timeout:
+            raise MeshError(f"GET {path}: Consul did not answer in time") from None
+        except requests.RequestException as exc:
+            raise MeshError(
+                f"GET {path}: cannot reach Consul at {self.cfg.http_addr}: {_short(exc)}"
+            ) from None
+        try:
+            return int(raw_index), data
+        except (TypeError, ValueError):
+            raise MeshError(f"GET {path}: bad X-Consul-Index {raw_index!r}") from None
 
     # -- MeshClient -------------------------------------------------------------------
     def discover(self, services: Sequence[str]) -> Discovery:
@@ -293,6 +387,10 @@ class ConsulClient:
         found: dict[str, ServiceEndpoints] = {}
         stamps: dict[str, int] = {}
         absent = set()
+        asks = [
+            (name, dc) for name in services for dc, (_, names) in listed.items() if name in names
+        ]
+        failures = self._fetch_all(asks)
         for name in services:
             failed = False
             for dc, (cat_index, names) in listed.items():
@@ -300,14 +398,9 @@ class ConsulClient:
                     # Raft indexes are comparable: an instance a blocking query saw
                     # registered after this listing is not erased by it.
                     self._store(name, dc, (), cat_index)
-                    continue
-                try:
-                    idx, endpoints = self.instances(name, dc)
-                except MeshError as exc:
-                    errors[name] = exc.message
+                elif (name, dc) in failures:
+                    errors[name] = failures[(name, dc)]
                     failed = True
-                    continue
-                self._store(name, dc, endpoints, idx)
             if failed:
                 continue
             if all(name not in names for _, names in listed.values()) and len(listed) == len(
@@ -323,6 +416,42 @@ class ConsulClient:
             catalog=catalog,
             stamps=stamps,
         )
+
+    def _fetch_all(self, asks: Sequence[tuple[str, str | None]]) -> dict[tuple, str]:
+        """Each (service, datacenter)'s instances, stored as they arrive (``_store``:
+        never over a newer answer); ``OPENING`` at a time on an event loop of this thread
+        (a connection each, closed after the pass). Returns the failures.
+
+        A pair whose blocking query answered after the pass began is not asked again:
+        that answer is at least as fresh as this pass's would be."""
+        kind = "connect" if self.cfg.enable_connect else "service"
+        failures: dict[tuple, str] = {}
+        started = time.monotonic()
+        todo = iter(asks)
+
+        async def worker() -> None:
+            wire = self._new_wire()
+            try:
+                for name, dc in todo:  # one loop, one thread: the iterator is shared safely
+                    if self._answered_at.get((name, dc), 0.0) >= started:
+                        continue
+                    path = f"/v1/health/{kind}/{name}"
+                    try:
+                        await self._aconnect(wire, path, dc)
+                        idx, data = await self._aget(wire, path, dc=dc)
+                        if idx == self._indexes.get((name, dc)) and (name, dc) in self._answers:
+                            continue  # the index held: the answer held (what blocking relies on)
+                        self._store(name, dc, self._instances_from(name, dc, kind, data), idx)
+                    except MeshError as exc:
+                        failures[(name, dc)] = exc.message
+            finally:
+                wire.close()
+
+        async def run() -> None:
+            await asyncio.gather(*(worker() for _ in range(max(1, min(OPENING, len(asks))))))
+
+        asyncio.run(run())
+        return failures
 
     def seed(self, snapshot: Snapshot) -> None:
         """Start from a snapshot (a new leader from the previous leader's file): each
@@ -375,10 +504,13 @@ class ConsulClient:
         return svc, gen
 
     def _concurrent_calls(self, services: Sequence[str]) -> int:
-        watches = 1 + len(services) * len(self.datacenters)  # catalog + each service per dc
+        """Calls through py-consul's session at once. The service watches and the full
+        pass's health queries are not among them: each has a connection of its own on
+        the event loop (``_Wire``)."""
+        watches = 1  # the catalog
         if self.cfg.enable_connect:
             watches += 2  # roots and leaf
-        return watches + 2  # the full pass, and one to spare
+        return watches + 2  # the full pass's catalog calls, and one to spare
 
     # -- failing watches --------------------------------------------------------------
     def _current_errors(self) -> dict[str, str]:
@@ -406,13 +538,12 @@ class ConsulClient:
         if self.cfg.enable_connect:
             threads.append(self._spawn("connect-tls", self._watch_tls, publish_tls, stop, publish))
         threads.append(self._spawn("catalog", self._watch_catalog, publish, stop))
-        for name in services:
-            for dc in self.datacenters:
-                threads.append(
-                    self._spawn(
-                        f"{name}@{dc or 'local'}", self._watch_service, name, dc, publish, stop
-                    )
-                )
+        # Every (service, datacenter) blocking query runs in this one thread (asyncio, a
+        # connection each): threads stay few whatever the number of services.
+        try:
+            asyncio.run(self._watch_services(services, publish, stop))
+        except Exception:
+            log.exception("consul service watches ended with an error")
         for t in threads:
             while t.is_alive() and not stop.is_set():
                 t.join(1.0)
@@ -422,16 +553,46 @@ class ConsulClient:
         t.start()
         return t
 
-    def _watch_service(
-        self, name: str, dc: str | None, publish: Publish, stop: threading.Event
+    async def _watch_services(
+        self, services: Sequence[str], publish: Publish, stop: threading.Event
     ) -> None:
+        """One blocking-query loop per (service, datacenter), as tasks of one event loop."""
         if self.cfg.enable_connect:
-            while not self._trust_known.wait(1.0):  # identities need the trust domain
+            while not self._trust_known.is_set():  # identities need the trust domain
                 if stop.is_set():
                     return
+                await asyncio.sleep(0.1)
+        opening = asyncio.Semaphore(OPENING)
+        tasks = [
+            asyncio.create_task(self._awatch_service(name, dc, publish, opening))
+            for name in services
+            for dc in self.datacenters
+        ]
+        try:
+            while not stop.is_set() and not all(t.done() for t in tasks):
+                await asyncio.sleep(0.25)  # one timer for every watch, not one each
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-        def on_answer(index: int) -> int:
-            idx, endpoints = self.instances(name, dc, index)
+    async def _awatch_service(
+        self, name: str, dc: str | None, publish: Publish, opening: asyncio.Semaphore
+    ) -> None:
+        kind = "connect" if self.cfg.enable_connect else "service"
+        path = f"/v1/health/{kind}/{name}"
+        wire = self._new_wire()
+
+        async def on_answer(index: int) -> int:
+            if index <= 1 or not wire.connected:  # opening, or an immediate first answer
+                async with opening:
+                    await self._aconnect(wire, path, dc)
+                    if index <= 1:
+                        idx, data = await self._aget(wire, path, dc=dc, index=index)
+            if index > 1:
+                idx, data = await self._aget(wire, path, dc=dc, index=index)
+            endpoints = self._instances_from(name, dc, kind, data)
+            self._answered_at[(name, dc)] = time.monotonic()
             # A lower index than we asked with: Consul's state was restored; start over.
             if self._store(name, dc, endpoints, idx, reset=idx < index):
                 svc, stamp = self._merged(name)
@@ -442,7 +603,117 @@ class ConsulClient:
                 )
             return idx
 
-        self._blocking_loop(f"health {name} (dc {dc or 'local'})", on_answer, stop, publish)
+        try:
+            await self._ablocking_loop(f"health {name} (dc {dc or 'local'})", on_answer, publish)
+        finally:
+            wire.close()
+
+    def _new_wire(self) -> _Wire:
+        """A connection for the event loop; over https verified as py-consul's session is
+        (``serviceMesh.caFile``, else the system CAs), one context for every connection."""
+        if self._ssl is None and urlsplit(self.cfg.http_addr).scheme == "https":
+            cafile = self._verify if isinstance(self._verify, str) else None
+            self._ssl = ssl.create_default_context(cafile=cafile)
+        return _Wire(self.cfg.http_addr, self._ssl)
+
+    async def _aconnect(self, wire: _Wire, path: str, dc: str | None) -> None:
+        if wire.connected:
+            return
+        where = f"GET {path}" + (f" (dc {dc})" if dc else "")
+        try:
+            await asyncio.wait_for(wire.connect(), self.cfg.timeout)
+        except TimeoutError:
+            wire.close()
+            raise MeshError(f"{where}: Consul did not answer in time") from None
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            wire.close()
+            raise MeshError(
+                f"{where}: cannot reach Consul at {self.cfg.http_addr}: {_short(exc)}"
+            ) from None
+
+    async def _aget(
+        self, wire: _Wire, path: str, *, dc: str | None = None, index: int = 0
+    ) -> tuple[int, object]:
+        """``_get`` for the event loop: the same parameters, timeout (py-consul's, wait
+        included), answer handling (py-consul's ``CB.json``) and error messages."""
+        params: list[tuple[str, str]] = []
+        if dc:
+            params.append(("dc", dc))
+        if self.cfg.namespace:
+            params.append(("ns", self.cfg.namespace))
+        if index:
+            params.append(("index", str(index)))
+            params.append(("wait", go_duration(self.cfg.blocking_wait)))
+        where = f"GET {path}" + (f" (dc {dc})" if dc else "")
+        http = self._consul.http
+        headers = {"User-Agent": str(http.session.headers.get("User-Agent", "odin-gw"))}
+        token = self._token()
+        if token:
+            headers["X-Consul-Token"] = token
+        try:
+            response = await asyncio.wait_for(
+                wire.get(http.uri(path, params), headers), http.timeout(params)
+            )
+            raw_index, data = CB.json(index=True)(response)
+        except consul.ACLPermissionDenied as exc:
+            raise MeshError(f"{where}: Consul refused the ACL token (403 {_short(exc)})") from None
+        except consul.ConsulException as exc:
+            raise MeshError(f"{where}: {_short(exc)}") from None
+        except TimeoutError:
+            wire.close()
+            raise MeshError(f"{where}: Consul did not answer in time") from None
+        except (OSError, EOFError, ssl.SSLError, ValueError) as exc:
+            wire.close()
+            raise MeshError(
+                f"{where}: cannot reach Consul at {self.cfg.http_addr}: {_short(exc)}"
+            ) from None
+        try:
+            new_index = int(raw_index)
+        except (TypeError, ValueError):
+            raise MeshError(f"{where}: bad X-Consul-Index {raw_index!r}") from None
+        return new_index, data
+
+    async def _ablocking_loop(
+        self, what: str, ask: Callable[[int], Awaitable[int]], report: Publish
+    ) -> None:
+        """``_blocking_loop`` for the event loop (the same index handling, rate limit and
+        back-off); it ends when its task is cancelled."""
+        index = 0
+        backoff = 1.0
+        failing = False
+        while True:
+            started = time.monotonic()
+            try:
+                new_index = await ask(index)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if isinstance(exc, MeshError):
+                    message = exc.message
+                else:
+                    log.exception("consul watch %s raised", what)
+                    message = f"{type(exc).__name__}: {exc}"
+                if not failing:  # logged on change of state, not on every retry
+                    log.warning(
+                        "consul watch %s failing (retrying with back-off): %s", what, message
+                    )
+                    failing = True
+                report(Discovery(errors=self._set_error(what, message)))
+                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            if failing:
+                log.info("consul watch %s recovered", what)
+                failing = False
+                if not self._set_error(what, None):
+                    report(Discovery())  # nothing fails any more: clears lastError
+            backoff = 1.0
+            index = 0 if new_index < index else new_index
+            if index <= 0:
+                index = 1  # 0 would make the next query return at once: never use it
+            elapsed = time.monotonic() - started
+            if elapsed < self.cfg.min_query_interval:
+                await asyncio.sleep(self.cfg.min_query_interval - elapsed)
 
     def _watch_catalog(self, publish: Publish, stop: threading.Event) -> None:
         last: tuple[str, ...] | None = None
@@ -453,12 +724,15 @@ class ConsulClient:
             names = tuple(sorted(data))
             if names != last:
                 last = names
-                publish(Discovery(catalog=names))
+                # Failing watches ride along, or the manager would log them recovered.
+                publish(Discovery(catalog=names, errors=self._current_errors()))
             return idx
 
         self._blocking_loop("catalog", on_answer, stop, publish)
 
     def _watch_tls(self, publish_tls: PublishTls, stop: threading.Event, report: Publish) -> None:
+        if self.cfg.sidecar:
+            return  # the gateway's own sidecar holds the leaf and does mTLS
         state = {"roots": None, "leaf": None}
 
         def publish() -> None:
@@ -537,6 +811,109 @@ class ConsulClient:
 
     def close(self) -> None:
         self._consul.http.session.close()
+
+
+AGENT_ROOTS = "/v1/agent/connect/ca/roots"
+SERVER_ROOTS = "/v1/connect/ca/roots"
+AGENT_LEAF = "/v1/agent/connect/ca/leaf/"
+#: Consul's answer body for a path in ``http_config.block_endpoints`` (403).
+BLOCKED = "Endpoint is blocked by agent configuration"
+
+
+class AgentConnectMissing(Exception):
+    """The agent does not serve an agent Connect endpoint (see ``_agent_connect``)."""
+
+
+class _Wire:
+    """One keep-alive HTTP/1.1 connection to the Consul agent for one watch (asyncio,
+    standard library only). URLs, parameters, timeouts and answer handling stay
+    py-consul's (``http.uri``, ``http.timeout``, ``CB.json``): only bytes travel here."""
+
+    def __init__(self, http_addr: str, context: ssl.SSLContext | None) -> None:
+        parts = urlsplit(http_addr)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.host_header = parts.netloc.rpartition("@")[2]
+        self.context = context
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.writer is not None and not self.writer.is_closing()
+
+    async def connect(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(
+            self.host, self.port, ssl=self.context, limit=1 << 24
+        )
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def get(self, url: str, headers: dict[str, str]) -> consul_base.Response:
+        parts = urlsplit(url)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        head = [
+            f"GET {target} HTTP/1.1",
+            f"Host: {self.host_header}",
+            "Accept: application/json",
+            "Accept-Encoding: identity",
+            *(f"{k}: {v}" for k, v in headers.items()),
+        ]
+        for attempt in (0, 1):
+            reused = self.connected
+            if not reused:
+                await self.connect()
+            assert self.reader is not None and self.writer is not None
+            try:
+                self.writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+                await self.writer.drain()
+                status = await self.reader.readline()
+                if not status:
+                    raise ConnectionResetError("connection closed by Consul")
+            except (OSError, asyncio.IncompleteReadError):
+                self.close()
+                if reused and attempt == 0:
+                    continue  # an idle keep-alive connection the agent closed: once more
+                raise
+            return await self._answer(status)
+        raise ConnectionResetError("connection closed by Consul")
+
+    async def _answer(self, status: bytes) -> consul_base.Response:
+        assert self.reader is not None
+        reader = self.reader
+        fields = status.split(None, 2)
+        if len(fields) < 2 or not fields[0].startswith(b"HTTP/"):
+            raise ValueError(f"not an HTTP answer: {status[:80]!r}")
+        code = int(fields[1])
+        headers: CaseInsensitiveDict = CaseInsensitiveDict()
+        while True:
+            line = await reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip()] = value.strip()
+        if "chunked" in headers.get("Transfer-Encoding", "").lower():
+            chunks = []
+            while True:
+                size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                chunks.append(await reader.readexactly(size))
+                await reader.readexactly(2)
+            body = b"".join(chunks)
+        elif "Content-Length" in headers:
+            body = await reader.readexactly(int(headers["Content-Length"]))
+        else:
+            body = await reader.read()
+            self.close()
+        if headers.get("Connection", "").lower() == "close":
+            self.close()
+        return consul_base.Response(code, headers, body.decode("utf-8", "replace"))
 
 
 def go_duration(seconds: float) -> str:

@@ -21,6 +21,12 @@ Snapshots are stamped with ``fingerprints(config)``: a follower loads only a sna
 its own fingerprint; at start (warm cache) and when taking the lead, one of the same
 origin is used for the services both configs share; anything else is ignored.
 
+At scale: the watch's answers go through a ``_Batcher`` (one thread per term) that
+publishes everything arriving within ``COALESCE_WINDOW`` as one snapshot, one write and
+one route rebuild; a service whose answer did not change keeps its object, so the state
+dir's journal (``state.py``), the gauges and the gateway's route views all find what
+changed by identity and touch only that.
+
 Locking rule: every change of ``snapshot``/``tls`` goes through ``_set`` under
 ``_publish_lock``, so no writer can put back what another just replaced; the lock is never
 held across a network call.
@@ -51,6 +57,8 @@ from .tls import TlsMaterial, TlsMaterialError
 log = logging.getLogger("odin_gw.mesh")
 
 SYNC_INTERVAL = 0.5
+#: Answers from watches arriving within this window are published (written) together.
+COALESCE_WINDOW = 0.05
 
 
 def make_client(config: GatewayConfig) -> MeshClient:
@@ -59,6 +67,15 @@ def make_client(config: GatewayConfig) -> MeshClient:
     if kind == "consul":
         from .consul import ConsulClient
 
+        if config.service_mesh.consul.sidecar:
+            from .consul_sidecar import describe, discovery_view
+
+            log.info(
+                "consul connectMode sidecar: plain HTTP to the gateway's own Consul sidecar "
+                "(%s), which does mTLS and load balancing; no leaf or roots are fetched",
+                describe(config),
+            )
+            return ConsulClient(discovery_view(config.service_mesh))
         return ConsulClient(config.service_mesh)
     if kind in ("istio", "linkerd"):
         log.warning(
@@ -133,6 +150,9 @@ class MeshManager:
         self._failing_since: str | None = None
         # Per service, the client's stamp of the last view published (see publish()).
         self._applied_stamps: dict[str, int] = {}
+        self._exported: Snapshot | None = None  # the snapshot the gauges show
+        self.coalesce_window = COALESCE_WINDOW
+        self._batcher: _Batcher | None = None
 
     # -- properties -------------------------------------------------------------------
     @property
@@ -146,6 +166,8 @@ class MeshManager:
 
     def needs_tls(self) -> bool:
         m = self.mesh
+        if m.kind == "consul" and m.consul.sidecar:
+            return False  # the gateway's own sidecar does mTLS
         if m.kind == "consul" and m.consul.enable_connect:
             return True
         return m.kind != "none" and m.mtls_enabled and self._uses_tls_files()
@@ -161,7 +183,8 @@ class MeshManager:
         if self.state_error:
             return False, self.state_error
         if self.needs_tls() and self.tls is None:
-            return False, f"waiting for TLS material ({self.tls_error or 'not loaded yet'})"
+            why = self.tls_error or self.snapshot.last_error or "not loaded yet"
+            return False, f"waiting for TLS material ({why})"
         if self.mesh.kind == "none":
             return True, "static routing"
         if self.leader_stale:
@@ -358,18 +381,31 @@ class MeshManager:
         self._term_stop = threading.Event()
         if self._stop.is_set():
             self._term_stop.set()
+        term = self._term
+
+        def apply(batch: list[Discovery]) -> None:
+            if term == self._term and self.state.leading:
+                self.publish_many(batch)
+
+        self._batcher = _Batcher(self.coalesce_window, apply, self._term_stop)
+        self._batcher.start()
         self._watch_thread = threading.Thread(
             target=self._watch,
-            args=(self._term, self._term_stop),
+            args=(self._term, self._term_stop, self._batcher),
             name="odin-mesh-watch",
             daemon=True,
         )
         self._watch_thread.start()
 
-    def _watch(self, term: int = 0, stop: threading.Event | None = None) -> None:
+    def _watch(
+        self, term: int = 0, stop: threading.Event | None = None, batcher: _Batcher | None = None
+    ) -> None:
         def publish(result: Discovery) -> None:
             if term == self._term and self.state.leading:
-                self.publish(result)
+                if batcher is not None:
+                    batcher.put(result)  # coalesced: one publish per window
+                else:
+                    self.publish(result)
 
         def publish_tls(material: TlsMaterial) -> None:
             if term == self._term and self.state.leading:
@@ -388,7 +424,8 @@ class MeshManager:
         ``origin``, restricted to the services this config shares with it. Services not in
         this config are always dropped. Anything else is ignored, logged once per file.
         """
-        mtime = self.state.mtime(self.state.snapshot_path)
+        # Base file identity and journal length: a change costs a follower a small read.
+        mtime = self.state.disk_stamp()
         if not mtime:
             return
         retry = (adopt or initial) and mtime == self._ignored_snapshot
@@ -482,25 +519,24 @@ class MeshManager:
 
     def failed(self, reason: str) -> None:
         """Record a failed discovery: the last good snapshot stays (last known good)."""
-        self.metrics.discovery.labels(self.mesh.kind, "error").inc()
         with self._publish_lock:
-            snap = self.snapshot
-            if self._failing_since is None:  # log changes of state, not every poll
-                log.warning(
-                    "mesh %s discovery failing, serving the last good snapshot: %s",
-                    self.mesh.kind,
-                    reason,
-                )
-                self._failing_since = reason
-            self._set(
-                snap.evolve(
-                    last_error=reason,
-                    consecutive_failures=snap.consecutive_failures + 1,
-                    attempted_at=time.time(),
-                ),
-                self.tls,
-                write=True,
+            self._set(self._failed(self.snapshot, reason), self.tls, write=True)
+
+    def _failed(self, snap: Snapshot, reason: str) -> Snapshot:
+        """``snap`` with a failure recorded (``_publish_lock`` held)."""
+        self.metrics.discovery.labels(self.mesh.kind, "error").inc()
+        if self._failing_since is None:  # log changes of state, not every poll
+            log.warning(
+                "mesh %s discovery failing, serving the last good snapshot: %s",
+                self.mesh.kind,
+                reason,
             )
+            self._failing_since = reason
+        return snap.evolve(
+            last_error=reason,
+            consecutive_failures=snap.consecutive_failures + 1,
+            attempted_at=time.time(),
+        )
 
     def publish(self, result: Discovery) -> None:
         """Merge a discovery answer into the snapshot and share it (leader only).
@@ -508,54 +544,71 @@ class MeshManager:
         An answer that carries only errors is a failure: the snapshot keeps its services
         and its refresh time, and the failure is counted.
         """
+        self.publish_many([result])
+
+    def publish_many(self, results: Sequence[Discovery]) -> None:
+        """Merge answers in order, as ``publish`` would one by one, and share the result
+        once: one snapshot, one file write, one route rebuild (watch answers arriving
+        within ``coalesce_window`` come here together)."""
+        if not results:
+            return
+        with self._publish_lock:
+            snap = self.snapshot
+            for result in results:
+                snap = self._merge(snap, result)
+            self._set(snap, self.tls, write=True)
+
+    def _merge(self, snap: Snapshot, result: Discovery) -> Snapshot:
+        """``snap`` with one answer merged (``_publish_lock`` held)."""
         now = time.time()
         errors = dict(result.errors)
         if errors and not result.services and result.catalog is None:
-            self.failed("; ".join(f"{k}: {v}" for k, v in sorted(errors.items())))
-            return
+            return self._failed(snap, "; ".join(f"{k}: {v}" for k, v in sorted(errors.items())))
         self.metrics.discovery.labels(self.mesh.kind, "partial" if errors else "ok").inc()
-        with self._publish_lock:
-            snap = self.snapshot
-            services: dict[str, ServiceEndpoints] = dict(snap.services)
-            # Never newer with older: a view merged before one already applied (a full
-            # pass racing a blocking query) is dropped. Stamps come from the client.
-            applied = self._applied_stamps
-            for name, svc in result.services.items():
-                stamp = result.stamps.get(name)
-                if stamp is not None:
-                    if stamp < applied.get(name, stamp):
-                        continue
-                    applied[name] = stamp
-                services[name] = svc
-            for name in result.absent:
-                # Known to the mesh, now gone: no instances (and no fallback to static
-                # targets, which serve only while the mesh never answered for a service).
-                services[name] = ServiceEndpoints(name, (), source=self.mesh.kind)
-            if errors:
-                reason = "; ".join(f"{k}: {v}" for k, v in sorted(errors.items()))
-                if self._failing_since is None:
-                    log.warning(
-                        "mesh %s: some services could not be refreshed: %s", self.mesh.kind, reason
-                    )
-                    self._failing_since = reason
-            elif self._failing_since is not None:
-                log.info("mesh %s discovery recovered", self.mesh.kind)
-                self._failing_since = None
-            self._set(
-                snap.with_services(
-                    services,
-                    catalog=result.catalog if result.catalog is not None else snap.catalog,
-                    # Catalog-only news is not a refresh of the routed services.
-                    refreshed_at=now if (result.services or result.absent) else snap.refreshed_at,
-                    attempted_at=now,
-                    last_error=reason if errors else None,
-                    consecutive_failures=snap.consecutive_failures + 1 if errors else 0,
-                    leader_pid=os.getpid(),
-                    warm=False,
-                ),
-                self.tls,
-                write=True,
-            )
+        services: dict[str, ServiceEndpoints] = dict(snap.services)
+        # Never newer with older: a view merged before one already applied (a full
+        # pass racing a blocking query) is dropped. Stamps come from the client.
+        applied = self._applied_stamps
+        for name, svc in result.services.items():
+            stamp = result.stamps.get(name)
+            if stamp is not None:
+                if stamp < applied.get(name, stamp):
+                    continue
+                applied[name] = stamp
+            old = services.get(name)
+            # An unchanged view keeps its object: sharing and route rebuilds compare
+            # services by identity to find what changed.
+            services[name] = old if old is not None and old == svc else svc
+        for name in result.absent:
+            # Known to the mesh, now gone: no instances (and no fallback to static
+            # targets, which serve only while the mesh never answered for a service).
+            gone = ServiceEndpoints(name, (), source=self.mesh.kind)
+            if services.get(name) != gone:
+                services[name] = gone
+        if errors:
+            reason = "; ".join(f"{k}: {v}" for k, v in sorted(errors.items()))
+            if self._failing_since is None:
+                log.warning(
+                    "mesh %s: some services could not be refreshed: %s", self.mesh.kind, reason
+                )
+                self._failing_since = reason
+        elif self._failing_since is not None:
+            log.info("mesh %s discovery recovered", self.mesh.kind)
+            self._failing_since = None
+        catalog = snap.catalog
+        if result.catalog is not None and tuple(result.catalog) != catalog:
+            catalog = tuple(result.catalog)
+        return snap.with_services(
+            services,
+            catalog=catalog,
+            # Catalog-only news is not a refresh of the routed services.
+            refreshed_at=now if (result.services or result.absent) else snap.refreshed_at,
+            attempted_at=now,
+            last_error=reason if errors else None,
+            consecutive_failures=snap.consecutive_failures + 1 if errors else 0,
+            leader_pid=os.getpid(),
+            warm=False,
+        )
 
     def publish_tls(self, material: TlsMaterial) -> None:
         """New TLS material from the control plane (leader only): use it, then share it.
@@ -606,8 +659,8 @@ class MeshManager:
             write = False
         if write:
             try:
-                self.state.write_snapshot(snap)
-                self._seen_snapshot = self.state.mtime(self.state.snapshot_path)
+                self.state.save_snapshot(snap)  # what changed, appended to the journal
+                self._seen_snapshot = self.state.disk_stamp()
                 self._unsaved = False
             except OSError as exc:
                 if not self._unsaved:
@@ -622,8 +675,12 @@ class MeshManager:
 
     def _export(self, snap: Snapshot, tls: TlsMaterial | None) -> None:
         gauge = self.metrics.endpoints
+        before = self._exported.services if self._exported is not None else None
+        self._exported = snap
         for name in self.services:
             svc = snap.services.get(name)
+            if before is not None and name in before and before[name] is svc:
+                continue  # unchanged (the same object): its gauges are right
             eps: Sequence = svc.endpoints if svc else ()
             healthy = sum(1 for e in eps if e.healthy)
             gauge.labels(name, "healthy").set(healthy)
@@ -669,6 +726,46 @@ class MeshManager:
             return None
         beat = self.state.heartbeat()
         return None if beat is None else round(max(0.0, monotonic() - float(beat["mono"])), 3)
+
+
+class _Batcher:
+    """Coalesces watch answers: the first one opens a window of ``window`` seconds, and
+    everything that arrived by its end is applied together (one thread per term)."""
+
+    def __init__(
+        self, window: float, apply: Callable[[list[Discovery]], None], stop: threading.Event
+    ) -> None:
+        self.window = window
+        self.apply = apply
+        self.stop = stop
+        self._items: list[Discovery] = []
+        self._cond = threading.Condition()
+        self.batches = 0
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="odin-mesh-publish", daemon=True).start()
+
+    def put(self, item: Discovery) -> None:
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            with self._cond:
+                if not self._items:
+                    self._cond.wait(0.5)
+                    continue
+            self.stop.wait(self.window)  # let the answers of this window arrive
+            with self._cond:
+                batch, self._items = self._items, []
+            if self.stop.is_set():
+                return
+            try:
+                self.apply(batch)
+                self.batches += 1
+            except Exception:  # the thread must survive anything; say what happened
+                log.exception("publishing discovery answers failed")
 
 
 def _iso(ts: float) -> str | None:

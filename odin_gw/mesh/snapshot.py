@@ -42,6 +42,7 @@ def fingerprints(config) -> tuple[str, str]:
             consul.enable_connect,
             consul.service_name,
             consul.accept_warning,
+            consul.connect_mode,
         ]
     services = sorted({s.mesh_service or s.name for s in config.services})
     o = hashlib.sha256(json.dumps(origin).encode()).hexdigest()[:16]
@@ -240,31 +241,40 @@ class Snapshot:
         """A successor snapshot with ``changes`` and a bumped version."""
         return replace(self, version=self.version + 1, **changes)
 
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "format": SNAPSHOT_FORMAT,
-                "origin": self.origin,
-                "fingerprint": self.fingerprint,
-                "mesh": self.mesh,
-                "version": self.version,
-                "refreshedAt": self.refreshed_at,
-                "attemptedAt": self.attempted_at,
-                "lastError": self.last_error,
-                "consecutiveFailures": self.consecutive_failures,
-                "leaderPid": self.leader_pid,
-                "catalog": list(self.catalog),
-                "tls": self.tls,
-                "services": {n: s.to_dict() for n, s in self.services.items()},
-            },
-            sort_keys=True,
-        )
+    def to_json(self, **extra: Any) -> str:
+        """The JSON form; ``extra`` keys are added (the state dir names its journal)."""
+        return json.dumps({**self.to_doc(), **extra}, sort_keys=True)
+
+    def to_doc(self, services: Any = None) -> dict[str, Any]:
+        """The JSON document as a dict; ``services`` (names) restricts the services in it
+        (a journal entry carries only the services that changed)."""
+        chosen = self.services if services is None else {n: self.services[n] for n in services}
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "origin": self.origin,
+            "fingerprint": self.fingerprint,
+            "mesh": self.mesh,
+            "version": self.version,
+            "refreshedAt": self.refreshed_at,
+            "attemptedAt": self.attempted_at,
+            "lastError": self.last_error,
+            "consecutiveFailures": self.consecutive_failures,
+            "leaderPid": self.leader_pid,
+            "catalog": list(self.catalog),
+            "tls": self.tls,
+            "services": {n: s.to_dict() for n, s in chosen.items()},
+        }
 
     @classmethod
-    def from_json(cls, text: str) -> Snapshot:
-        """Parse a state file; raises ``ValueError`` if it is not a snapshot of this format."""
+    def from_json(cls, text: str, extras: dict[str, Any] | None = None) -> Snapshot:
+        """Parse a state file; raises ``ValueError`` if it is not a snapshot of this format.
+
+        ``extras``: filled with the document's ``journal`` key (see ``state.py``)."""
         try:
-            return cls._from_doc(json.loads(text))
+            data = json.loads(text)
+            if extras is not None and isinstance(data, dict):
+                extras["journal"] = data.get("journal")
+            return cls._from_doc(data)
         except ValueError:
             raise
         except (KeyError, TypeError, AttributeError, OverflowError) as exc:
@@ -316,9 +326,35 @@ class Snapshot:
             services=MappingProxyType(parsed),
         )
 
+    def delta_json(self, changed, previous: Snapshot | None) -> str:
+        """A journal entry: this snapshot's header and only the services named in
+        ``changed`` (the catalog only when it differs from ``previous``'s). One line."""
+        doc = self.to_doc(services=changed)
+        if previous is not None and previous.catalog == self.catalog:
+            del doc["catalog"]
+        return json.dumps(doc, sort_keys=True)
+
+    def followed_by(self, entry: str) -> Snapshot:
+        """This snapshot with a journal entry (see ``delta_json``) applied: the entry's
+        header replaces ours, its services replace ours by name. ``ValueError`` if the
+        entry is not a snapshot document of this format."""
+        try:
+            data = json.loads(entry)
+            if isinstance(data, dict) and "catalog" not in data:
+                data["catalog"] = list(self.catalog)
+            delta = self._from_doc(data)
+        except ValueError:
+            raise
+        except (KeyError, TypeError, AttributeError, OverflowError) as exc:
+            raise ValueError(f"not a journal entry ({type(exc).__name__}: {exc})") from exc
+        services = dict(self.services)
+        services.update(delta.services)
+        return replace(delta, services=MappingProxyType(services))
+
     def only(self, names) -> Snapshot:
         """This snapshot restricted to ``names`` (services dropped from the config go)."""
-        keep = {n: s for n, s in self.services.items() if n in set(names)}
+        wanted = set(names)
+        keep = {n: s for n, s in self.services.items() if n in wanted}
         if len(keep) == len(self.services):
             return self
         return replace(self, services=MappingProxyType(keep))

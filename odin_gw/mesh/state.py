@@ -25,6 +25,19 @@ it is still ``G``) and takes the lock of ``G+1``. A leader checks on every sync 
 generation is still its own and that the path of its lock is still the file it holds
 (a tmp cleaner may delete either); otherwise it steps down, and leadership is taken again
 through the ordinary lock.
+
+**Sharing what changed.** ``snapshot.json`` is a base document that names its journal;
+``snapshot.journal`` starts with a line naming the same journal id, and the leader
+appends one line per published snapshot carrying its header and only the services that
+changed (:meth:`Snapshot.delta_json`). A reader keeps the base it parsed and its offset
+in the journal, so a change costs every worker one small read, not the whole document.
+The leader rewrites the base (and starts a new journal) when the journal has grown to
+half the base, when the base is small (below ``journal_from_bytes`` a whole rewrite is as
+cheap), and on its first write of a term. The base is renamed into place before its
+journal: a reader sees a base with no matching journal yet (the base alone is complete),
+never a journal applied to the wrong base. A journal line is used only once complete
+(ends with a newline); a line that does not parse is an error (the file is ignored, and
+the worker keeps what it has).
 """
 
 from __future__ import annotations
@@ -42,6 +55,10 @@ from .snapshot import Snapshot
 from .tls import TlsMaterial
 
 HEARTBEAT_SIZE = 512  # the lock file is rewritten in place, padded to this size
+#: Below this size the snapshot is rewritten whole on every change (no journal).
+JOURNAL_FROM_BYTES = 64 * 1024
+#: The journal is compacted into a new base once it is bigger than this and half the base.
+JOURNAL_COMPACT_BYTES = 256 * 1024
 
 
 class StateDirError(Exception):
@@ -146,6 +163,19 @@ def write_atomic(
         raise
 
 
+class _Follow:
+    """A reader's position: the base it parsed, its journal, how far it has read."""
+
+    __slots__ = ("inode", "journal", "key", "offset", "snapshot")
+
+    def __init__(self, key: tuple, journal: str | None, snapshot: Snapshot) -> None:
+        self.key = key
+        self.journal = journal
+        self.snapshot = snapshot
+        self.offset = 0
+        self.inode: int | None = None
+
+
 def _read_nofollow(path: str) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with os.fdopen(fd, encoding="utf-8") as fh:
@@ -163,6 +193,17 @@ class StateDir:
     def __init__(self, path: str) -> None:
         self.path = path
         self.snapshot_path = os.path.join(path, "snapshot.json")
+        self.journal_path = os.path.join(path, "snapshot.journal")
+        self.journal_from_bytes = JOURNAL_FROM_BYTES
+        # writer: the last snapshot this process shared, its journal and their sizes
+        self._written: Snapshot | None = None
+        self._written_ids: tuple[int, int] | None = None  # (base inode, journal inode)
+        self._base_bytes = 0
+        self._journal_bytes = 0
+        self.full_writes = 0
+        self.journal_writes = 0
+        # reader: the base parsed, the journal followed and the snapshot they make
+        self._follow: _Follow | None = None
         self.tls_path = os.path.join(path, "tls-material.json")
         self.trigger_path = os.path.join(path, "refresh.trigger")
         self.generation_path = os.path.join(path, "generation")
@@ -211,6 +252,7 @@ class StateDir:
         self._lock_fd = fd
         self._lock_id = (st.st_dev, st.st_ino)
         self.term = generation
+        self._written = None  # a new term starts with a whole snapshot
         self.beat()
         return True
 
@@ -296,6 +338,7 @@ class StateDir:
             self._lock_fd = None
             self._lock_id = None
             self.term = None
+        self._written = None
 
     @property
     def leading(self) -> bool:
@@ -311,15 +354,128 @@ class StateDir:
         write_atomic(path, text, tmp_dir=self.path, mode=mode)
 
     def write_snapshot(self, snapshot: Snapshot) -> None:
-        self.write_atomic(self.snapshot_path, snapshot.to_json())
+        """Write ``snapshot`` whole as a new base, then start its (empty) journal."""
+        self._written = None
+        journal = f"{os.getpid()}-{snapshot.version}-{os.urandom(6).hex()}"
+        text = snapshot.to_json(journal=journal)
+        self.write_atomic(self.snapshot_path, text)
+        header = json.dumps({"journal": journal, "base": snapshot.version}) + "\n"
+        self.write_atomic(self.journal_path, header)
+        base = os.stat(self.snapshot_path, follow_symlinks=False)
+        jour = os.stat(self.journal_path, follow_symlinks=False)
+        self._written_ids = (base.st_ino, jour.st_ino)
+        self._base_bytes, self._journal_bytes = len(text), len(header)
+        self._written = snapshot
+        self.full_writes += 1
+
+    def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Share ``snapshot``: one journal line with what changed since the snapshot this
+        process last wrote, or a whole new base (see the module docstring for when)."""
+        prev = self._written
+        if (
+            prev is None
+            or self._base_bytes < self.journal_from_bytes
+            or self._journal_bytes > max(self._base_bytes // 2, JOURNAL_COMPACT_BYTES)
+            or prev.fingerprint != snapshot.fingerprint
+            or any(name not in snapshot.services for name in prev.services)
+        ):
+            self.write_snapshot(snapshot)
+            return
+        old = prev.services
+        changed = [
+            n for n, s in snapshot.services.items() if old.get(n) is not s and old.get(n) != s
+        ]
+        line = (snapshot.delta_json(changed, prev) + "\n").encode()
+        try:
+            self._append(line)
+        except OSError:
+            self.write_snapshot(snapshot)  # journal gone or replaced: start over whole
+            return
+        self._journal_bytes += len(line)
+        self._written = snapshot
+        self.journal_writes += 1
+
+    def _append(self, line: bytes) -> None:
+        base = os.stat(self.snapshot_path, follow_symlinks=False)
+        fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if (base.st_ino, os.fstat(fd).st_ino) != self._written_ids:
+                raise FileNotFoundError("the snapshot or its journal was replaced")
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
+    def disk_stamp(self) -> tuple | None:
+        """What identifies the shared snapshot's current content (``None``: no file):
+        the base file's identity and the journal's length. Two stats."""
+        try:
+            base = os.stat(self.snapshot_path, follow_symlinks=False)
+        except OSError:
+            return None
+        try:
+            jour = os.stat(self.journal_path, follow_symlinks=False)
+            journal = (jour.st_ino, jour.st_size)
+        except OSError:
+            journal = None
+        return (base.st_ino, base.st_mtime_ns, base.st_size, journal)
 
     def read_snapshot(self) -> Snapshot | None:
-        """The snapshot on disk, or ``None`` when there is none; raises on a bad file."""
+        """The snapshot on disk (base plus its journal), or ``None`` when there is none;
+        raises on a bad file. Incremental: an unchanged base is not parsed again and only
+        the journal lines not read yet are applied."""
         try:
-            text = _read_nofollow(self.snapshot_path)
+            fd = os.open(self.snapshot_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
+            self._follow = None
             return None
-        return Snapshot.from_json(text)
+        with os.fdopen(fd, encoding="utf-8") as fh:
+            st = os.fstat(fh.fileno())
+            key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+            follow = self._follow
+            if follow is None or follow.key != key:
+                extras: dict = {}
+                snap = Snapshot.from_json(fh.read(), extras)
+                journal = extras.get("journal")
+                follow = _Follow(key, journal if isinstance(journal, str) else None, snap)
+                self._follow = follow
+        return self._read_journal(follow)
+
+    def _read_journal(self, follow: _Follow) -> Snapshot:
+        if not follow.journal:
+            return follow.snapshot
+        try:
+            fd = os.open(self.journal_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return follow.snapshot
+        try:
+            st = os.fstat(fd)
+            offset, ino = follow.offset, follow.inode
+            if st.st_ino != ino:  # a journal not read yet: it must belong to our base
+                head = os.pread(fd, 4096, 0)
+                end = head.find(b"\n")
+                if end < 0:
+                    return follow.snapshot
+                try:
+                    header = json.loads(head[:end])
+                except ValueError:
+                    return follow.snapshot
+                if not isinstance(header, dict) or header.get("journal") != follow.journal:
+                    return follow.snapshot  # a newer base is on its way
+                offset, ino = end + 1, st.st_ino
+            data = os.pread(fd, max(0, st.st_size - offset), offset) if st.st_size > offset else b""
+        finally:
+            os.close(fd)
+        end = data.rfind(b"\n")  # only complete lines
+        snap = follow.snapshot
+        if end >= 0:
+            for line in data[:end].split(b"\n"):
+                if line.strip():
+                    snap = snap.followed_by(line.decode("utf-8"))
+            offset += end + 1
+        follow.snapshot, follow.offset, follow.inode = snap, offset, ino
+        return snap
 
     def mtime(self, path: str) -> float:
         try:

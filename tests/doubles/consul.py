@@ -139,8 +139,15 @@ class ConsulDouble:
         host: str = "127.0.0.1",
         port: int = 0,
         tls: ssl.SSLContext | None = None,
+        block_endpoints: Iterable[str] = (),
     ) -> None:
-        """``tls``: serve HTTPS with this server context (Consul's ``https`` listener)."""
+        """``tls``: serve HTTPS with this server context (Consul's ``https`` listener).
+
+        ``block_endpoints``: path prefixes answered 403 "Endpoint is blocked by agent
+        configuration", as Consul's ``http_config.block_endpoints`` does. A Consul server
+        serves ``/v1/agent/...`` like any agent; ``ConsulDouble.server()`` is one that
+        blocks them, answering only what discovery needs (catalog, health, status...).
+        """
         if ca is None:
             ca = CertificateAuthority(trust_domain=f"{uuid.uuid4()}.consul")
         self.host = host
@@ -155,6 +162,7 @@ class ConsulDouble:
             leaf_ttl=leaf_ttl,
         )
         self.api = ConsulAPI(self.state, acl_tokens)
+        self.api.block_endpoints = tuple(block_endpoints)
         self.errors: list[str] = []
         self._lock = threading.Lock()
         self._gate = threading.Condition()
@@ -174,6 +182,15 @@ class ConsulDouble:
         self._switch_gen = 0
         self._hk_stop = threading.Event()
         self._hk_thread: threading.Thread | None = None
+
+    @classmethod
+    def server(cls, **kwargs: Any) -> ConsulDouble:
+        """A Consul server reached without a local client agent, its agent endpoints
+        blocked (``http_config.block_endpoints = ["/v1/agent/"]``): catalog and health
+        answer, the Connect leaf and agent roots get 403 "Endpoint is blocked by agent
+        configuration". (Unblocked, a server serves the leaf like any agent.)"""
+        kwargs.setdefault("block_endpoints", ("/v1/agent/",))
+        return cls(**kwargs)
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> ConsulDouble:

