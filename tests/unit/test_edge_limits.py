@@ -41,6 +41,7 @@ def test_min_rate_allows_the_grace_period_then_the_average():
 
 def test_min_rate_zero_turns_the_rule_off():
     assert MinRate(rate=0, grace=5.0).allowed(0) == math.inf
+    assert MinRate(rate=1, grace=5.0).allowed(100) == 100.0  # 1 B/s is a rate, not "off"
 
 
 def test_trickling_body_fails_the_rule_after_the_grace():
