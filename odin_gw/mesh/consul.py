@@ -676,44 +676,20 @@ class ConsulClient:
     async def _ablocking_loop(
         self, what: str, ask: Callable[[int], Awaitable[int]], report: Publish
     ) -> None:
-        """``_blocking_loop`` for the event loop (the same index handling, rate limit and
-        back-off); it ends when its task is cancelled."""
-        index = 0
-        backoff = 1.0
-        failing = False
+        """``_blocking_loop`` for the event loop; it ends when its task is cancelled."""
+        watch = _IndexWatch(self, what, report)
         while True:
             started = time.monotonic()
             try:
-                new_index = await ask(index)
+                new_index = await ask(watch.index)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if isinstance(exc, MeshError):
-                    message = exc.message
-                else:
-                    log.exception("consul watch %s raised", what)
-                    message = f"{type(exc).__name__}: {exc}"
-                if not failing:  # logged on change of state, not on every retry
-                    log.warning(
-                        "consul watch %s failing (retrying with back-off): %s", what, message
-                    )
-                    failing = True
-                report(Discovery(errors=self._set_error(what, message)))
-                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-                backoff = min(backoff * 2, MAX_BACKOFF)
+                await asyncio.sleep(watch.failed(exc))
                 continue
-            if failing:
-                log.info("consul watch %s recovered", what)
-                failing = False
-                if not self._set_error(what, None):
-                    report(Discovery())  # nothing fails any more: clears lastError
-            backoff = 1.0
-            index = 0 if new_index < index else new_index
-            if index <= 0:
-                index = 1  # 0 would make the next query return at once: never use it
-            elapsed = time.monotonic() - started
-            if elapsed < self.cfg.min_query_interval:
-                await asyncio.sleep(self.cfg.min_query_interval - elapsed)
+            pause = watch.answered(new_index, started)
+            if pause > 0:
+                await asyncio.sleep(pause)
 
     def _watch_catalog(self, publish: Publish, stop: threading.Event) -> None:
         last: tuple[str, ...] | None = None
@@ -766,48 +742,18 @@ class ConsulClient:
     def _blocking_loop(
         self, what: str, ask: Callable[[int], int], stop: threading.Event, report: Publish
     ) -> None:
-        """Consul's blocking-query loop: index handling, rate limit, back-off on errors.
-
-        Failures go to ``report`` as an error-only ``Discovery`` (counted, shown on the
-        admin API); the snapshot keeps its last good data.
-        """
-        index = 0
-        backoff = 1.0
-        failing = False
+        """Consul's blocking-query loop (see :class:`_IndexWatch`), in a thread."""
+        watch = _IndexWatch(self, what, report)
         while not stop.is_set():
             started = time.monotonic()
             try:
-                new_index = ask(index)
+                new_index = ask(watch.index)
             except Exception as exc:
-                if isinstance(exc, MeshError):
-                    message = exc.message
-                else:
-                    log.exception("consul watch %s raised", what)
-                    message = f"{type(exc).__name__}: {exc}"
-                if not failing:  # logged on change of state, not on every retry
-                    log.warning(
-                        "consul watch %s failing (retrying with back-off): %s", what, message
-                    )
-                    failing = True
-                report(Discovery(errors=self._set_error(what, message)))
-                stop.wait(backoff * random.uniform(0.8, 1.2))
-                backoff = min(backoff * 2, MAX_BACKOFF)
+                stop.wait(watch.failed(exc))
                 continue
-            if failing:
-                log.info("consul watch %s recovered", what)
-                failing = False
-                if not self._set_error(what, None):
-                    report(Discovery())  # nothing fails any more: clears lastError
-            backoff = 1.0
-            # The index must grow; if it goes backwards (a snapshot restore), start over.
-            # A return is no proof of change (hashicorp/consul#3890): an unchanged index is
-            # simply asked again, after the rate limit below.
-            index = 0 if new_index < index else new_index
-            if index <= 0:
-                index = 1  # 0 would make the next query return at once: never use it
-            elapsed = time.monotonic() - started
-            if elapsed < self.cfg.min_query_interval:
-                stop.wait(self.cfg.min_query_interval - elapsed)
+            pause = watch.answered(new_index, started)
+            if pause > 0:
+                stop.wait(pause)
 
     def close(self) -> None:
         self._consul.http.session.close()
@@ -914,6 +860,54 @@ class _Wire:
         if headers.get("Connection", "").lower() == "close":
             self.close()
         return consul_base.Response(code, headers, body.decode("utf-8", "replace"))
+
+
+class _IndexWatch:
+    """One blocking-query loop's rules, shared by the threaded and the asyncio loops
+    (each only waits its own way): Consul's index handling, the rate limit, back-off on
+    errors, and failures reported as an error-only ``Discovery`` (counted, shown on the
+    admin API) while the snapshot keeps its last good data."""
+
+    __slots__ = ("backoff", "client", "failing", "index", "report", "what")
+
+    def __init__(self, client: ConsulClient, what: str, report: Publish) -> None:
+        self.client = client
+        self.what = what
+        self.report = report
+        self.index = 0
+        self.backoff = 1.0
+        self.failing = False
+
+    def failed(self, exc: Exception) -> float:
+        """Record a failed query; returns how long to wait before the next."""
+        if isinstance(exc, MeshError):
+            message = exc.message
+        else:
+            log.exception("consul watch %s raised", self.what)
+            message = f"{type(exc).__name__}: {exc}"
+        if not self.failing:  # logged on change of state, not on every retry
+            log.warning("consul watch %s failing (retrying with back-off): %s", self.what, message)
+            self.failing = True
+        self.report(Discovery(errors=self.client._set_error(self.what, message)))
+        delay = self.backoff * random.uniform(0.8, 1.2)
+        self.backoff = min(self.backoff * 2, MAX_BACKOFF)
+        return delay
+
+    def answered(self, new_index: int, started: float) -> float:
+        """Take an answer's index; returns how long to wait (the rate limit)."""
+        if self.failing:
+            log.info("consul watch %s recovered", self.what)
+            self.failing = False
+            if not self.client._set_error(self.what, None):
+                self.report(Discovery())  # nothing fails any more: clears lastError
+        self.backoff = 1.0
+        # The index must grow; if it goes backwards (a snapshot restore), start over.
+        # A return is no proof of change (hashicorp/consul#3890): an unchanged index is
+        # simply asked again, after the rate limit.
+        self.index = 0 if new_index < self.index else new_index
+        if self.index <= 0:
+            self.index = 1  # 0 would make the next query return at once: never use it
+        return self.client.cfg.min_query_interval - (time.monotonic() - started)
 
 
 def go_duration(seconds: float) -> str:
