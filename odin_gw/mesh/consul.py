@@ -120,7 +120,11 @@ class ConsulClient:
         index: int = 0,
         wait: float | None = None,
         extra: Sequence[tuple[str, str]] = (),
+        callback: Callable | None = None,
     ) -> tuple[int, object]:
+        """GET ``path`` with the token, datacenter, namespace and blocking parameters;
+        ``(X-Consul-Index, JSON body)``. ``callback`` replaces py-consul's JSON callback
+        (it must end in one). Every failure is a ``MeshError`` saying what was asked."""
         params: list[tuple[str, str]] = list(extra)
         if dc:
             params.append(("dc", dc))
@@ -133,7 +137,7 @@ class ConsulClient:
         token = self._token()
         try:
             raw_index, data = self._consul.http.get(
-                CB.json(index=True),
+                callback or CB.json(index=True),
                 path,
                 params=params,
                 headers={"X-Consul-Token": token} if token else {},
@@ -333,12 +337,6 @@ class ConsulClient:
         or a 403 "Endpoint is blocked by agent configuration" (``http_config.
         block_endpoints``). A Consul server is an agent and serves both endpoints unless
         blocked; a 403 about the token stays an ACL error."""
-        params: list[tuple[str, str]] = []
-        if self.cfg.namespace:
-            params.append(("ns", self.cfg.namespace))
-        if index:
-            params.append(("index", str(index)))
-            params.append(("wait", go_duration(self.cfg.blocking_wait)))
         as_json = CB.json(index=True)
 
         def answer(response):
@@ -347,26 +345,7 @@ class ConsulClient:
                 raise AgentConnectMissing(f"{response.code} {body or 'no body'}")
             return as_json(response)
 
-        token = self._token()
-        try:
-            raw_index, data = self._consul.http.get(
-                answer, path, params=params, headers={"X-Consul-Token": token} if token else {}
-            )
-        except consul.ACLPermissionDenied as exc:
-            denied = f"Consul refused the ACL token (403 {_short(exc)})"
-            raise MeshError(f"GET {path}: {denied}") from None
-        except consul.ConsulException as exc:
-            raise MeshError(f"GET {path}: {_short(exc)}") from None
-        except requests.Timeout:
-            raise MeshError(f"GET {path}: Consul did not answer in time") from None
-        except requests.RequestException as exc:
-            raise MeshError(
-                f"GET {path}: cannot reach Consul at {self.cfg.http_addr}: {_short(exc)}"
-            ) from None
-        try:
-            return int(raw_index), data
-        except (TypeError, ValueError):
-            raise MeshError(f"GET {path}: bad X-Consul-Index {raw_index!r}") from None
+        return self._get(path, index=index, callback=answer)
 
     # -- MeshClient -------------------------------------------------------------------
     def discover(self, services: Sequence[str]) -> Discovery:
