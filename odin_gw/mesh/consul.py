@@ -151,12 +151,27 @@ class ConsulClient:
         except requests.RequestException as exc:
             raise MeshError(
                 f"{where}: cannot reach Consul at {self.cfg.http_addr}: {_short(exc)}"
+                + self._agentless_hint(exc)
             ) from None
         try:
             new_index = int(raw_index)
         except (TypeError, ValueError):
             raise MeshError(f"{where}: bad X-Consul-Index {raw_index!r}") from None
         return new_index, data
+
+    def _agentless_hint(self, exc: Exception) -> str:
+        """What to do when no agent listens on this host: agentless installs (Consul 1.14+
+        on Kubernetes, consul-dataplane) run no local agent at 127.0.0.1:8500."""
+        if not isinstance(exc, requests.ConnectionError | ConnectionRefusedError):
+            return ""
+        host = urlsplit(self.cfg.http_addr).hostname or ""
+        if host != "localhost" and not host.startswith("127.") and host != "::1":
+            return ""
+        return (
+            " (no local Consul agent: with consul-dataplane there is none; point"
+            " serviceMesh.consul.httpAddr at the servers, and use connectMode: sidecar"
+            " when the gateway runs with its own dataplane sidecar)"
+        )
 
     def _token(self) -> str | None:
         """The ACL token: ``consul.token``, or ``consul.tokenFile`` re-read when it changes
@@ -645,6 +660,7 @@ class ConsulClient:
             wire.close()
             raise MeshError(
                 f"{where}: cannot reach Consul at {self.cfg.http_addr}: {_short(exc)}"
+                + self._agentless_hint(exc)
             ) from None
         try:
             new_index = int(raw_index)

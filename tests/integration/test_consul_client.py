@@ -315,3 +315,25 @@ def test_token_file_is_read_and_reread_when_it_changes(tmp_path, caplog):
         assert health_requests(consul)[-1].headers["x-consul-token"] == "tok-2"
     assert "tok-1" not in caplog.text and "tok-2" not in caplog.text
     assert "tokenFile" in caplog.text
+
+
+def test_no_local_agent_says_what_to_do_in_an_agentless_install():
+    from tests.support.upstream import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    client = ConsulClient(
+        MeshConfig(
+            enabled=True,
+            type="consul",
+            consul=ConsulConfig(http_addr=closed, timeout=2.0, enable_connect=True),
+        )
+    )
+    try:
+        for call in (lambda: client.catalog(None), lambda: client.leaf()):
+            with pytest.raises(MeshError) as info:
+                call()
+            message = info.value.message
+            assert f"cannot reach Consul at {closed}" in message
+            assert "consul-dataplane" in message and "connectMode: sidecar" in message
+    finally:
+        client.close()
