@@ -125,15 +125,7 @@ class ConsulClient:
         """GET ``path`` with the token, datacenter, namespace and blocking parameters;
         ``(X-Consul-Index, JSON body)``. ``callback`` replaces py-consul's JSON callback
         (it must end in one). Every failure is a ``MeshError`` saying what was asked."""
-        params: list[tuple[str, str]] = list(extra)
-        if dc:
-            params.append(("dc", dc))
-        if self.cfg.namespace:
-            params.append(("ns", self.cfg.namespace))
-        if index:
-            params.append(("index", str(index)))
-            params.append(("wait", go_duration(wait or self.cfg.blocking_wait)))
-        where = f"GET {path}" + (f" (dc {dc})" if dc else "")
+        params, where = self._query(path, dc, index, wait, extra)
         token = self._token()
         try:
             raw_index, data = self._consul.http.get(
@@ -142,22 +134,45 @@ class ConsulClient:
                 params=params,
                 headers={"X-Consul-Token": token} if token else {},
             )
-        except consul.ACLPermissionDenied as exc:
-            raise MeshError(f"{where}: Consul refused the ACL token (403 {_short(exc)})") from None
         except consul.ConsulException as exc:
-            raise MeshError(f"{where}: {_short(exc)}") from None
+            raise self._refused(where, exc) from None
         except requests.Timeout:
             raise MeshError(f"{where}: Consul did not answer in time") from None
         except requests.RequestException as exc:
-            raise MeshError(
-                f"{where}: cannot reach Consul at {self.cfg.http_addr}: {_short(exc)}"
-                + self._agentless_hint(exc)
-            ) from None
-        try:
-            new_index = int(raw_index)
-        except (TypeError, ValueError):
-            raise MeshError(f"{where}: bad X-Consul-Index {raw_index!r}") from None
-        return new_index, data
+            raise self._unreachable(where, exc) from None
+        return _index(raw_index, where), data
+
+    def _query(
+        self,
+        path: str,
+        dc: str | None,
+        index: int,
+        wait: float | None = None,
+        extra: Sequence[tuple[str, str]] = (),
+    ) -> tuple[list[tuple[str, str]], str]:
+        """(query parameters, "GET path (dc x)") of one call, threaded or asyncio."""
+        params: list[tuple[str, str]] = list(extra)
+        if dc:
+            params.append(("dc", dc))
+        if self.cfg.namespace:
+            params.append(("ns", self.cfg.namespace))
+        if index:
+            params.append(("index", str(index)))
+            params.append(("wait", go_duration(wait or self.cfg.blocking_wait)))
+        return params, f"GET {path}" + (f" (dc {dc})" if dc else "")
+
+    @staticmethod
+    def _refused(where: str, exc: Exception) -> MeshError:
+        """Consul answered with an error (py-consul's exceptions)."""
+        if isinstance(exc, consul.ACLPermissionDenied):
+            return MeshError(f"{where}: Consul refused the ACL token (403 {_short(exc)})")
+        return MeshError(f"{where}: {_short(exc)}")
+
+    def _unreachable(self, where: str, exc: Exception) -> MeshError:
+        return MeshError(
+            f"{where}: cannot reach Consul at {self.cfg.http_addr}: {_short(exc)}"
+            + self._agentless_hint(exc)
+        )
 
     def _agentless_hint(self, exc: Exception) -> str:
         """What to do when no agent listens on this host: agentless installs (Consul 1.14+
@@ -621,24 +636,14 @@ class ConsulClient:
             raise MeshError(f"{where}: Consul did not answer in time") from None
         except (OSError, ssl.SSLError, ValueError) as exc:
             wire.close()
-            raise MeshError(
-                f"{where}: cannot reach Consul at {self.cfg.http_addr}: {_short(exc)}"
-            ) from None
+            raise self._unreachable(where, exc) from None
 
     async def _aget(
         self, wire: _Wire, path: str, *, dc: str | None = None, index: int = 0
     ) -> tuple[int, object]:
         """``_get`` for the event loop: the same parameters, timeout (py-consul's, wait
         included), answer handling (py-consul's ``CB.json``) and error messages."""
-        params: list[tuple[str, str]] = []
-        if dc:
-            params.append(("dc", dc))
-        if self.cfg.namespace:
-            params.append(("ns", self.cfg.namespace))
-        if index:
-            params.append(("index", str(index)))
-            params.append(("wait", go_duration(self.cfg.blocking_wait)))
-        where = f"GET {path}" + (f" (dc {dc})" if dc else "")
+        params, where = self._query(path, dc, index)
         http = self._consul.http
         headers = {"User-Agent": str(http.session.headers.get("User-Agent", "odin-gw"))}
         token = self._token()
@@ -649,24 +654,15 @@ class ConsulClient:
                 wire.get(http.uri(path, params), headers), http.timeout(params)
             )
             raw_index, data = CB.json(index=True)(response)
-        except consul.ACLPermissionDenied as exc:
-            raise MeshError(f"{where}: Consul refused the ACL token (403 {_short(exc)})") from None
         except consul.ConsulException as exc:
-            raise MeshError(f"{where}: {_short(exc)}") from None
+            raise self._refused(where, exc) from None
         except TimeoutError:
             wire.close()
             raise MeshError(f"{where}: Consul did not answer in time") from None
         except (OSError, EOFError, ssl.SSLError, ValueError) as exc:
             wire.close()
-            raise MeshError(
-                f"{where}: cannot reach Consul at {self.cfg.http_addr}: {_short(exc)}"
-                + self._agentless_hint(exc)
-            ) from None
-        try:
-            new_index = int(raw_index)
-        except (TypeError, ValueError):
-            raise MeshError(f"{where}: bad X-Consul-Index {raw_index!r}") from None
-        return new_index, data
+            raise self._unreachable(where, exc) from None
+        return _index(raw_index, where), data
 
     async def _ablocking_loop(
         self, what: str, ask: Callable[[int], Awaitable[int]], report: Publish
@@ -903,6 +899,14 @@ class _IndexWatch:
         if self.index <= 0:
             self.index = 1  # 0 would make the next query return at once: never use it
         return self.client.cfg.min_query_interval - (time.monotonic() - started)
+
+
+def _index(raw: object, where: str) -> int:
+    """The ``X-Consul-Index`` of an answer as a number, or a ``MeshError``."""
+    try:
+        return int(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise MeshError(f"{where}: bad X-Consul-Index {raw!r}") from None
 
 
 def go_duration(seconds: float) -> str:
