@@ -38,7 +38,7 @@ from ..config.model import ConsulConfig, MeshConfig
 from ..errors import MeshError
 from .client import Discovery, Publish, PublishTls
 from .snapshot import Endpoint, ServiceEndpoints, Snapshot
-from .tls import TlsMaterial
+from .tls import TlsPairing
 
 log = logging.getLogger("odin_gw.mesh.consul")
 
@@ -700,30 +700,16 @@ class ConsulClient:
     def _watch_tls(self, publish_tls: PublishTls, stop: threading.Event, report: Publish) -> None:
         if self.cfg.sidecar:
             return  # the gateway's own sidecar holds the leaf and does mTLS
-        state = {"roots": None, "leaf": None}
-
-        def publish() -> None:
-            if state["roots"] and state["leaf"]:
-                trust_domain, bundle = state["roots"]
-                cert, key = state["leaf"]
-                publish_tls(
-                    TlsMaterial(
-                        cert, key, bundle, source="consul-connect", trust_domain=trust_domain
-                    )
-                )
+        pair = TlsPairing(publish_tls, source="consul-connect")
 
         def on_roots(index: int) -> int:
             idx, td, bundle = self.roots(index)
-            if state["roots"] != (td, bundle):
-                state["roots"] = (td, bundle)
-                publish()
+            pair.roots(td, bundle)
             return idx
 
         def on_leaf(index: int) -> int:
             idx, cert, key = self.leaf(index)
-            if state["leaf"] != (cert, key):
-                state["leaf"] = (cert, key)
-                publish()
+            pair.leaf(cert, key)
             return idx
 
         t = self._spawn("roots", self._blocking_loop, "connect roots", on_roots, stop, report)

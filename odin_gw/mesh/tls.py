@@ -11,7 +11,9 @@ import hashlib
 import os
 import ssl
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -144,6 +146,46 @@ class TlsMaterial:
         if self.facts:
             out.update(self.facts.to_dict())
         return out
+
+
+class TlsPairing:
+    """Joins a leaf and the CA roots that arrive from two watches into one material.
+
+    Each watch runs in its own thread. Reading the latest pair and publishing it happen
+    under one lock, so publishes reach ``publish`` in the order the parts changed: the
+    last material published always holds the newest leaf *and* the newest roots. (Built
+    and published outside a lock, a leaf thread holding the old roots could publish after
+    the roots thread and leave the gateway trusting only a CA that was rotated out.)
+    """
+
+    def __init__(self, publish: Callable[[TlsMaterial], None], source: str) -> None:
+        self._publish = publish
+        self._source = source
+        self._lock = threading.Lock()
+        self._roots: tuple[str, str] | None = None
+        self._leaf: tuple[str, str] | None = None
+
+    def roots(self, trust_domain: str, bundle_pem: str) -> None:
+        """New roots: publish with the current leaf, if one has arrived."""
+        with self._lock:
+            if self._roots != (trust_domain, bundle_pem):
+                self._roots = (trust_domain, bundle_pem)
+                self._publish_locked()
+
+    def leaf(self, cert_pem: str, key_pem: str) -> None:
+        """A new leaf: publish with the current roots, if they have arrived."""
+        with self._lock:
+            if self._leaf != (cert_pem, key_pem):
+                self._leaf = (cert_pem, key_pem)
+                self._publish_locked()
+
+    def _publish_locked(self) -> None:
+        if self._roots is None or self._leaf is None:
+            return
+        trust_domain, bundle = self._roots
+        cert, key = self._leaf
+        material = TlsMaterial(cert, key, bundle, source=self._source, trust_domain=trust_domain)
+        self._publish(material)
 
 
 def _load_chain(ctx: ssl.SSLContext, cert_pem: str, key_pem: str, source: str) -> None:

@@ -203,8 +203,16 @@ def test_new_ca_roots_are_applied(ca, gateway_factory):
             consul.deregister("web-1")
             consul.register("web", id="web-2", port=9, connect_proxy_port=backend.port)
 
+            seen: list[str] = []
+
             def served_by_b() -> bool:
                 r = requests.get(gw.url + "/web/x")
+                seen.append(f"{r.status_code} {r.text[:200]}")
                 return r.status_code == 200 and r.json()["server"] == "b"
 
-            eventually(served_by_b, timeout=15, what="peer of the new CA verified")
+            try:
+                eventually(served_by_b, timeout=15, what="peer of the new CA verified")
+            except AssertionError:
+                print("last answers:", seen[-3:], "mesh:", gw.admin("mesh").text[:2000])
+                print(gw.log()[-4000:])
+                raise

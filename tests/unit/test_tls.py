@@ -1,9 +1,11 @@
 """TLS material and SPIFFE identity rules, on certificates minted here."""
 
+import threading
+
 import pytest
 
 from odin_gw.mesh.identity import PeerIdentityError, check_identity, peer_uris
-from odin_gw.mesh.tls import TlsMaterial, TlsMaterialError
+from odin_gw.mesh.tls import TlsMaterial, TlsMaterialError, TlsPairing
 from tests.doubles.pki import CertificateAuthority, consul_service_uri
 
 CA = CertificateAuthority()
@@ -59,3 +61,34 @@ def test_peer_uris_from_getpeercert_shape():
     cert = {"subjectAltName": (("DNS", "x"), ("URI", WEB))}
     assert peer_uris(cert) == (WEB,)
     assert peer_uris(None) == ()
+
+
+def test_pairing_publishes_the_newest_leaf_and_roots_last():
+    """The leaf watch publishes (old roots, new leaf) while the roots watch brings new
+    roots: whatever the threads do, the last material published holds both new parts."""
+    old_ca, new_ca = CA, CertificateAuthority(trust_domain=CA.trust_domain)
+    old_leaf = old_ca.issue(uri=WEB)
+    new_leaf = new_ca.issue(uri=WEB)
+    published: list[TlsMaterial] = []
+    roots_thread: list[threading.Thread] = []
+
+    def publish(material: TlsMaterial) -> None:
+        if material.cert_pem == new_leaf.cert_pem and material.ca_pem == old_ca.cert_pem:
+            # The roots watch answers while this publish is under way.
+            t = threading.Thread(target=pair.roots, args=(CA.trust_domain, new_ca.cert_pem))
+            roots_thread.append(t)
+            t.start()
+            t.join(0.3)  # without the lock, the roots thread publishes first
+        published.append(material)
+
+    pair = TlsPairing(publish, source="test")
+    pair.leaf(old_leaf.cert_pem, old_leaf.key_pem)
+    assert published == []  # no roots yet: nothing to publish
+    pair.roots(CA.trust_domain, old_ca.cert_pem)
+    pair.roots(CA.trust_domain, old_ca.cert_pem)  # unchanged: not published again
+    assert len(published) == 1
+    pair.leaf(new_leaf.cert_pem, new_leaf.key_pem)
+    roots_thread[0].join(5)
+    last = published[-1]
+    assert (last.cert_pem, last.ca_pem) == (new_leaf.cert_pem, new_ca.cert_pem)
+    assert last.trust_domain == CA.trust_domain and last.source == "test"
