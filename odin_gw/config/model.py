@@ -81,6 +81,9 @@ class ServiceConfig:
     idle_timeout: float | None = None
     ca_file: str | None = None
     passive_health: PassiveHealthConfig = field(default_factory=PassiveHealthConfig)
+    #: Istio direct mode: the service account its instances must present
+    #: (``spiffe://<trustDomain>/ns/<ns>/sa/<identity>``) when EDS does not say.
+    identity: str | None = None
     # consul.connectMode sidecar: the explicit upstream listener of the gateway's own
     # sidecar ("127.0.0.1", port), or None for transparent proxy to
     # <meshService>.virtual.consul:<port> (``port``: None means the first target's, or 80).
@@ -96,6 +99,16 @@ class IstioConfig:
     enable_policy_check: bool = False
     custom_headers: tuple[str, ...] = ()
     inject_sidecar: bool = True
+    #: ``auto``: TLS to istiod unless port 15010 or a unix socket; ``true``/``false`` force it.
+    pilot_tls: str = "auto"
+    #: The projected service-account token (audience istio-ca) sent to istiod on 15012.
+    token_file: str = "/var/run/secrets/tokens/istio-token"
+    #: Share of new traces marked ``x-b3-sampled: 1`` when the client decided nothing.
+    sampling_rate: float = 1.0
+    #: ext_authz HTTP authorizer (enablePolicyCheck): ``http(s)://host:port[/prefix]``.
+    authz_addr: str | None = None
+    authz_timeout: float = 1.0
+    authz_fail_open: bool = False
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ LOAD_BALANCING = ("round-robin", "random", "weighted", "least-request")
 MESH_TYPES = ("istio", "linkerd", "consul", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 CONNECT_MODES = ("native", "sidecar")
+PILOT_TLS = ("auto", "true", "false")
 
 
 class Duration(fields.Field):
@@ -269,6 +270,8 @@ class ServiceSchema(Section):
     # consul.connectMode sidecar only (checked in GatewaySchema.check_services).
     upstream = Upstream(load_default=None, allow_none=True)
     port = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(1, 65535))
+    # Istio direct mode: the service account of the service's instances.
+    identity = fields.String(load_default=None, allow_none=True, validate=SERVICE_NAME)
 
     @validates_schema
     def check(self, data, **kwargs):
@@ -313,6 +316,46 @@ class IstioSchema(Section):
         load_default=list,
     )
     inject_sidecar = fields.Boolean(data_key="injectSidecar", load_default=True)
+    pilot_tls = fields.String(
+        data_key="pilotTls", load_default="auto", validate=validate.OneOf(PILOT_TLS)
+    )
+    token_file = fields.String(
+        data_key="tokenFile", load_default="/var/run/secrets/tokens/istio-token"
+    )
+    sampling_rate = fields.Float(
+        data_key="samplingRate", load_default=1.0, validate=validate.Range(0.0, 1.0)
+    )
+    authz_addr = fields.String(data_key="authzAddr", load_default=None, allow_none=True)
+    authz_timeout = Duration(data_key="authzTimeout", load_default=1.0)
+    authz_fail_open = fields.Boolean(data_key="authzFailOpen", load_default=False)
+
+    @validates_schema
+    def check(self, data, **kwargs):
+        addr = data.get("authz_addr")
+        if addr is not None:
+            parts = urlsplit(addr)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValidationError(
+                    f"{addr!r} must be http://host:port[/prefix] or https://host:port[/prefix]",
+                    "authzAddr",
+                )
+            if parts.query or parts.fragment:
+                raise ValidationError(f"{addr!r} may not have a query or fragment", "authzAddr")
+        if data.get("enable_policy_check") and not addr:
+            raise ValidationError(
+                "enablePolicyCheck needs authzAddr: the ext_authz HTTP authorizer that "
+                "replaced Mixer's policy check (an AuthorizationPolicy CUSTOM provider)",
+                "enablePolicyCheck",
+            )
+        pilot = data.get("pilot_addr")
+        if pilot and not pilot.startswith("unix://"):
+            host, sep, port = pilot.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValidationError(
+                    f"{pilot!r} must be host:port (istiod 15012 TLS, 15010 plaintext) or "
+                    "unix:///path (a local istio-agent)",
+                    "pilotAddr",
+                )
 
     @post_load
     def build(self, data, **kwargs):
@@ -436,6 +479,15 @@ class MeshSchema(Section):
 _TLS_FILES = {"certFile": "cert_file", "keyFile": "key_file", "caFile": "ca_file"}
 
 
+def _mesh_said(mesh: model.MeshConfig) -> str:
+    """What the mesh section says, for "only used with ..." errors."""
+    if mesh.kind == "consul":
+        return f"connectMode is {mesh.consul.connect_mode}"
+    if mesh.kind == "istio":
+        return "injectSidecar is true (the sidecar checks identities)"
+    return f"serviceMesh is {mesh.kind}"
+
+
 class GatewaySchema(Section):
     server = fields.Nested(ServerSchema, load_default=model.ServerConfig)
     logging = fields.Nested(LoggingSchema, load_default=model.LoggingConfig)
@@ -473,19 +525,29 @@ class GatewaySchema(Section):
         for i, entry in enumerate(given):
             if not isinstance(entry, dict):
                 continue
-            for key in ("upstream", "port"):
-                if entry.get(key) is not None and not sidecar and mesh_known:
-                    add(
-                        i,
-                        key,
-                        "only used with serviceMesh.consul.connectMode: sidecar (the gateway's "
-                        "own Consul sidecar); here "
-                        + (
-                            f"connectMode is {mesh.consul.connect_mode}"
-                            if mesh.kind == "consul"
-                            else f"serviceMesh is {mesh.kind}"
-                        ),
-                    )
+            istio = mesh.kind == "istio"
+            istio_direct = istio and not mesh.istio.inject_sidecar
+            for key, allowed, where in (
+                (
+                    "upstream",
+                    sidecar,
+                    "serviceMesh.consul.connectMode: sidecar (the gateway's own Consul sidecar)",
+                ),
+                (
+                    "port",
+                    sidecar or istio,
+                    "serviceMesh.consul.connectMode: sidecar or "
+                    "serviceMesh.type: istio (the port of the mesh service)",
+                ),
+                (
+                    "identity",
+                    istio_direct,
+                    "serviceMesh.type: istio with injectSidecar: false "
+                    "(the service account its instances present)",
+                ),
+            ):
+                if entry.get(key) is not None and not allowed and mesh_known:
+                    add(i, key, f"only used with {where}; here " + _mesh_said(mesh))
             if sidecar and entry.get("upstream") is not None:
                 try:
                     listener = parse_upstream(entry["upstream"])
