@@ -8,10 +8,11 @@ leaf and roots endpoints its high-level API cannot block on. Nothing outside thi
 sees py-consul or Consul's JSON.
 
 The exception is the many: the per-service blocking queries (one per service and
-datacenter) and the full pass's health queries run as asyncio tasks in one thread, each
-on a keep-alive connection of its own (``_Wire``, standard library only). Their URLs,
-timeouts and answer handling are still py-consul's (``http.uri``, ``http.timeout``,
-``CB.json``), so index, error and timeout behaviour is the same as ``_get``'s.
+datacenter) and the full pass's health queries run as asyncio tasks in one thread, over
+an aiohttp session (the client py-consul's own ``consul.aio`` uses) whose keep-alive
+connections they share. Their URLs, timeouts and answer handling are still py-consul's
+(``http.uri``, ``http.timeout``, ``CB.json``), so index, error and timeout behaviour is
+the same as ``_get``'s.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import urlsplit
 
+import aiohttp
 import consul
 import requests
 from consul import base as consul_base
 from consul.callback import CB
 from requests.adapters import HTTPAdapter
-from requests.structures import CaseInsensitiveDict
 
 from .. import __version__
 from ..config.model import ConsulConfig, MeshConfig
@@ -72,7 +73,7 @@ class ConsulClient:
             connections_timeout=self.cfg.timeout,
         )
         self._verify = verify
-        self._ssl: ssl.SSLContext | None = None  # for the event-loop connections (_Wire)
+        self._ssl: ssl.SSLContext | None = None  # for the event-loop session (https)
         # py-consul lets CONSUL_HTTP_TOKEN beat its ``token`` argument; the config decides
         # here (``token: ${CONSUL_HTTP_TOKEN}`` uses the variable on purpose).
         self._consul.token = None
@@ -112,6 +113,12 @@ class ConsulClient:
         self._answered_at: dict[tuple[str, str | None], float] = {}
 
     # -- one-shot calls ---------------------------------------------------------------
+    @property
+    def call_timeout(self) -> float:
+        """Seconds one non-blocking call may take (``consul.timeout``); the manager allows
+        a discovery pass a few of them before it counts a leader stuck."""
+        return self.cfg.timeout
+
     def _get(
         self,
         path: str,
@@ -438,26 +445,23 @@ class ConsulClient:
         started = time.monotonic()
         todo = iter(asks)
 
-        async def worker() -> None:
-            wire = self._new_wire()
-            try:
-                for name, dc in todo:  # one loop, one thread: the iterator is shared safely
-                    if self._answered_at.get((name, dc), 0.0) >= started:
-                        continue
-                    path = f"/v1/health/{kind}/{name}"
-                    try:
-                        await self._aconnect(wire, path, dc)
-                        idx, data = await self._aget(wire, path, dc=dc)
-                        if idx == self._indexes.get((name, dc)) and (name, dc) in self._answers:
-                            continue  # the index held: the answer held (what blocking relies on)
-                        self._store(name, dc, self._instances_from(name, dc, kind, data), idx)
-                    except MeshError as exc:
-                        failures[(name, dc)] = exc.message
-            finally:
-                wire.close()
+        async def worker(session: aiohttp.ClientSession) -> None:
+            for name, dc in todo:  # one loop, one thread: the iterator is shared safely
+                if self._answered_at.get((name, dc), 0.0) >= started:
+                    continue
+                path = f"/v1/health/{kind}/{name}"
+                try:
+                    idx, data = await self._aget(session, path, dc=dc)
+                    if idx == self._indexes.get((name, dc)) and (name, dc) in self._answers:
+                        continue  # the index held: the answer held (what blocking relies on)
+                    self._store(name, dc, self._instances_from(name, dc, kind, data), idx)
+                except MeshError as exc:
+                    failures[(name, dc)] = exc.message
 
         async def run() -> None:
-            await asyncio.gather(*(worker() for _ in range(max(1, min(OPENING, len(asks))))))
+            async with self._session() as session:
+                workers = max(1, min(OPENING, len(asks)))
+                await asyncio.gather(*(worker(session) for _ in range(workers)))
 
         asyncio.run(run())
         return failures
@@ -514,8 +518,8 @@ class ConsulClient:
 
     def _concurrent_calls(self, services: Sequence[str]) -> int:
         """Calls through py-consul's session at once. The service watches and the full
-        pass's health queries are not among them: each has a connection of its own on
-        the event loop (``_Wire``)."""
+        pass's health queries are not among them: they run on the event loop's aiohttp
+        session (``_session``)."""
         watches = 1  # the catalog
         if self.cfg.enable_connect:
             watches += 2  # roots and leaf
@@ -572,34 +576,37 @@ class ConsulClient:
                     return
                 await asyncio.sleep(0.1)
         opening = asyncio.Semaphore(OPENING)
-        tasks = [
-            asyncio.create_task(self._awatch_service(name, dc, publish, opening))
-            for name in services
-            for dc in self.datacenters
-        ]
-        try:
-            while not stop.is_set() and not all(t.done() for t in tasks):
-                await asyncio.sleep(0.25)  # one timer for every watch, not one each
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        async with self._session() as session:
+            tasks = [
+                asyncio.create_task(self._awatch_service(session, name, dc, publish, opening))
+                for name in services
+                for dc in self.datacenters
+            ]
+            try:
+                while not stop.is_set() and not all(t.done() for t in tasks):
+                    await asyncio.sleep(0.25)  # one timer for every watch, not one each
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _awatch_service(
-        self, name: str, dc: str | None, publish: Publish, opening: asyncio.Semaphore
+        self,
+        session: aiohttp.ClientSession,
+        name: str,
+        dc: str | None,
+        publish: Publish,
+        opening: asyncio.Semaphore,
     ) -> None:
         kind = "connect" if self.cfg.enable_connect else "service"
         path = f"/v1/health/{kind}/{name}"
-        wire = self._new_wire()
 
         async def on_answer(index: int) -> int:
-            if index <= 1 or not wire.connected:  # opening, or an immediate first answer
+            if index <= 1:  # opening (or starting over): a new connection, an immediate answer
                 async with opening:
-                    await self._aconnect(wire, path, dc)
-                    if index <= 1:
-                        idx, data = await self._aget(wire, path, dc=dc, index=index)
-            if index > 1:
-                idx, data = await self._aget(wire, path, dc=dc, index=index)
+                    idx, data = await self._aget(session, path, dc=dc, index=index)
+            else:
+                idx, data = await self._aget(session, path, dc=dc, index=index)
             endpoints = self._instances_from(name, dc, kind, data)
             self._answered_at[(name, dc)] = time.monotonic()
             # A lower index than we asked with: Consul's state was restored; start over.
@@ -612,56 +619,58 @@ class ConsulClient:
                 )
             return idx
 
-        try:
-            await self._ablocking_loop(f"health {name} (dc {dc or 'local'})", on_answer, publish)
-        finally:
-            wire.close()
+        await self._ablocking_loop(f"health {name} (dc {dc or 'local'})", on_answer, publish)
 
-    def _new_wire(self) -> _Wire:
-        """A connection for the event loop; over https verified as py-consul's session is
-        (``serviceMesh.caFile``, else the system CAs), one context for every connection."""
+    def _session(self) -> aiohttp.ClientSession:
+        """An aiohttp session for one event loop (the watches', or one full pass's).
+
+        No limit on connections: every blocking query holds one for up to
+        ``blockingWait``. Over https verified as py-consul's session is
+        (``serviceMesh.caFile``, else the system CAs), one context for every connection.
+        Timeouts are ``_aget``'s (py-consul's, wait included) plus ``consul.timeout`` to
+        connect."""
         if self._ssl is None and urlsplit(self.cfg.http_addr).scheme == "https":
             cafile = self._verify if isinstance(self._verify, str) else None
             self._ssl = ssl.create_default_context(cafile=cafile)
-        return _Wire(self.cfg.http_addr, self._ssl)
-
-    async def _aconnect(self, wire: _Wire, path: str, dc: str | None) -> None:
-        if wire.connected:
-            return
-        where = f"GET {path}" + (f" (dc {dc})" if dc else "")
-        try:
-            await asyncio.wait_for(wire.connect(), self.cfg.timeout)
-        except TimeoutError:
-            wire.close()
-            raise MeshError(f"{where}: Consul did not answer in time") from None
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            wire.close()
-            raise self._unreachable(where, exc) from None
+        connector = aiohttp.TCPConnector(
+            limit=0, ssl=self._ssl if self._ssl is not None else True, use_dns_cache=True
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.timeout),
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding",),
+        )
 
     async def _aget(
-        self, wire: _Wire, path: str, *, dc: str | None = None, index: int = 0
+        self, session: aiohttp.ClientSession, path: str, *, dc: str | None = None, index: int = 0
     ) -> tuple[int, object]:
         """``_get`` for the event loop: the same parameters, timeout (py-consul's, wait
         included), answer handling (py-consul's ``CB.json``) and error messages."""
         params, where = self._query(path, dc, index)
         http = self._consul.http
-        headers = {"User-Agent": str(http.session.headers.get("User-Agent", "odin-gw"))}
+        headers = {
+            "User-Agent": str(http.session.headers.get("User-Agent", "odin-gw")),
+            "Accept": "application/json",
+        }
         token = self._token()
         if token:
             headers["X-Consul-Token"] = token
+
+        async def call() -> consul_base.Response:
+            async with session.get(http.uri(path, params), headers=headers) as answer:
+                body = await answer.text(encoding="utf-8", errors="replace")
+                return consul_base.Response(answer.status, answer.headers, body)
+
         try:
-            response = await asyncio.wait_for(
-                wire.get(http.uri(path, params), headers), http.timeout(params)
-            )
+            response = await asyncio.wait_for(call(), http.timeout(params))
             raw_index, data = CB.json(index=True)(response)
         except consul.ConsulException as exc:
             raise self._refused(where, exc) from None
         except TimeoutError:
-            wire.close()
             raise MeshError(f"{where}: Consul did not answer in time") from None
-        except (OSError, EOFError, ssl.SSLError, ValueError) as exc:
-            wire.close()
-            raise self._unreachable(where, exc) from None
+        except (OSError, aiohttp.ClientError, ssl.SSLError, ValueError) as exc:
+            raise self._unreachable(where, _cause(exc)) from None
         return _index(raw_index, where), data
 
     async def _ablocking_loop(
@@ -747,98 +756,6 @@ class AgentConnectMissing(Exception):
     """The agent does not serve an agent Connect endpoint (see ``_agent_connect``)."""
 
 
-class _Wire:
-    """One keep-alive HTTP/1.1 connection to the Consul agent for one watch (asyncio,
-    standard library only). URLs, parameters, timeouts and answer handling stay
-    py-consul's (``http.uri``, ``http.timeout``, ``CB.json``): only bytes travel here."""
-
-    def __init__(self, http_addr: str, context: ssl.SSLContext | None) -> None:
-        parts = urlsplit(http_addr)
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.host_header = parts.netloc.rpartition("@")[2]
-        self.context = context
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    @property
-    def connected(self) -> bool:
-        return self.writer is not None and not self.writer.is_closing()
-
-    async def connect(self) -> None:
-        self.reader, self.writer = await asyncio.open_connection(
-            self.host, self.port, ssl=self.context, limit=1 << 24
-        )
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
-
-    async def get(self, url: str, headers: dict[str, str]) -> consul_base.Response:
-        parts = urlsplit(url)
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
-        head = [
-            f"GET {target} HTTP/1.1",
-            f"Host: {self.host_header}",
-            "Accept: application/json",
-            "Accept-Encoding: identity",
-            *(f"{k}: {v}" for k, v in headers.items()),
-        ]
-        for attempt in (0, 1):
-            reused = self.connected
-            if not reused:
-                await self.connect()
-            assert self.reader is not None and self.writer is not None
-            try:
-                self.writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-                await self.writer.drain()
-                status = await self.reader.readline()
-                if not status:
-                    raise ConnectionResetError("connection closed by Consul")
-            except (OSError, asyncio.IncompleteReadError):
-                self.close()
-                if reused and attempt == 0:
-                    continue  # an idle keep-alive connection the agent closed: once more
-                raise
-            return await self._answer(status)
-        raise ConnectionResetError("connection closed by Consul")
-
-    async def _answer(self, status: bytes) -> consul_base.Response:
-        assert self.reader is not None
-        reader = self.reader
-        fields = status.split(None, 2)
-        if len(fields) < 2 or not fields[0].startswith(b"HTTP/"):
-            raise ValueError(f"not an HTTP answer: {status[:80]!r}")
-        code = int(fields[1])
-        headers: CaseInsensitiveDict = CaseInsensitiveDict()
-        while True:
-            line = await reader.readline()
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip()] = value.strip()
-        if "chunked" in headers.get("Transfer-Encoding", "").lower():
-            chunks = []
-            while True:
-                size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                chunks.append(await reader.readexactly(size))
-                await reader.readexactly(2)
-            body = b"".join(chunks)
-        elif "Content-Length" in headers:
-            body = await reader.readexactly(int(headers["Content-Length"]))
-        else:
-            body = await reader.read()
-            self.close()
-        if headers.get("Connection", "").lower() == "close":
-            self.close()
-        return consul_base.Response(code, headers, body.decode("utf-8", "replace"))
-
-
 class _IndexWatch:
     """One blocking-query loop's rules, shared by the threaded and the asyncio loops
     (each only waits its own way): Consul's index handling, the rate limit, back-off on
@@ -900,6 +817,13 @@ def go_duration(seconds: float) -> str:
     (``int(0.5)`` would send ``0s``, which Consul reads as its 5 min default)."""
     ms = max(1, round(seconds * 1000))
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def _cause(exc: Exception) -> Exception:
+    """The OS error under an aiohttp connection error (``ConnectionRefusedError``...), so
+    messages and the agentless hint read as they do for py-consul's threaded calls."""
+    inner = getattr(exc, "os_error", None)
+    return inner if isinstance(inner, OSError) else exc
 
 
 def _short(exc: BaseException, limit: int = 200) -> str:
