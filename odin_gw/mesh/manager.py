@@ -57,6 +57,8 @@ from .tls import TlsMaterial, TlsMaterialError
 log = logging.getLogger("odin_gw.mesh")
 
 SYNC_INTERVAL = 0.5
+#: Call timeout assumed for a mesh client that does not say its own (``call_timeout``).
+DEFAULT_CALL_TIMEOUT = 10.0
 #: Answers from watches arriving within this window are published (written) together.
 COALESCE_WINDOW = 0.05
 
@@ -128,6 +130,12 @@ class MeshManager:
         self.state_error: str | None = None
         #: Seconds without a leader heartbeat after which the leader counts as hung.
         self.stale_after = max(self.mesh.refresh_interval, 10 * SYNC_INTERVAL)
+        #: Seconds without a finished discovery pass after which a leader whose sync still
+        #: beats counts as stuck (three missed passes, each allowed a few call timeouts).
+        self.discovery_stale_after = 3 * self.mesh.refresh_interval + 3 * float(
+            getattr(self.client, "call_timeout", DEFAULT_CALL_TIMEOUT)
+        )
+        self._attempt_mono = monotonic()  # when this process last finished a pass
         self.leader_stale: str | None = None
         self._term = 0  # counts this process's leadership terms
         self._term_stop = threading.Event()
@@ -286,7 +294,9 @@ class MeshManager:
             problem = self.state.check_lock()
             if problem is None:
                 try:
-                    self.state.beat(attempt=self.snapshot.attempted_at)
+                    self.state.beat(
+                        attempt=self.snapshot.attempted_at, attempt_mono=self._attempt_mono
+                    )
                     return
                 except OSError as exc:
                     problem = f"cannot write the heartbeat: {exc}"
@@ -322,7 +332,10 @@ class MeshManager:
         """(why the leader counts as not alive or ``None``, the generation judged).
 
         Its heartbeat (host-wide monotonic time) must be younger than ``stale_after``;
-        a generation whose lock is held but that never wrote one gets as long.
+        a generation whose lock is held but that never wrote one gets as long. A leader
+        whose sync beats but whose discovery pass is stuck (a call that never returns)
+        is not alive either: the heartbeat carries when its last pass finished, which
+        must be younger than ``discovery_stale_after``.
         """
         gen = self.state.generation()
         beat = self.state.heartbeat(gen)
@@ -337,6 +350,16 @@ class MeshManager:
             age = now - float(beat["mono"])
             pid = beat.get("pid")
         if age <= self.stale_after:
+            attempt = beat.get("attempt_mono") if beat is not None else None
+            if isinstance(attempt, int | float) and not isinstance(attempt, bool):
+                stuck = now - float(attempt)
+                if stuck > self.discovery_stale_after:
+                    return (
+                        f"leader pid {pid} is not alive: its sync runs but no discovery pass "
+                        f"finished for {stuck:.1f}s (limit {self.discovery_stale_after:g}s: "
+                        "3 refresh intervals and 3 call timeouts)",
+                        gen,
+                    )
             return None, gen
         return (
             f"leader pid {pid} is not alive: no heartbeat for {age:.1f}s "
@@ -360,6 +383,7 @@ class MeshManager:
             self.mesh.kind,
             self.state.path,
         )
+        self._attempt_mono = monotonic()  # the first pass gets its full allowance
         # Start from what the previous leader published: no gap in routing.
         self._load_from_disk(adopt=True)
         getattr(self.client, "seed", lambda _snapshot: None)(self.snapshot)  # per-dc answers
@@ -497,16 +521,24 @@ class MeshManager:
 
     # -- the leader's side ----------------------------------------------------------------
     def _discover(self) -> None:
+        term = self._term
         try:
             result = self.client.discover(self.services)
         except GatewayError as exc:
-            self.failed(exc.message)
-            return
+            result = exc.message
         except Exception as exc:
             log.exception("discovery raised")
-            self.failed(f"{type(exc).__name__}: {exc}")
+            result = f"{type(exc).__name__}: {exc}"
+        self._attempt_mono = monotonic()  # a pass finished, well or not: alive
+        if term != self._term or not self.state.leading:
+            # A pass that outlived its term (the leader was replaced while it hung): the
+            # new leader's snapshot, read from disk, is the truth now.
+            log.info("dropping a discovery pass that outlived leadership term %d", term)
             return
-        self.publish(result)
+        if isinstance(result, str):
+            self.failed(result)
+        else:
+            self.publish(result)
 
     def refresh_now(self) -> None:
         """Run a full discovery soon: here if leading, else by asking the leader."""

@@ -391,3 +391,68 @@ def test_dead_workers_sample_files_are_folded_into_an_archive(tmp_path, monkeypa
     registry = CollectorRegistry()
     prom_mp.MultiProcessCollector(registry, path=str(tmp_path))
     assert 'odin_requests_total{service="web"} 7.0' in generate_latest(registry).decode()
+
+
+class _StuckClient(StaticClient):
+    """A discovery pass that does not return until released (a call with no timeout)."""
+
+    call_timeout = 0.05
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def discover(self, services):
+        self.entered.set()
+        self.release.wait(10)
+        return Discovery(services={"web": svc("web", 99)})
+
+
+def test_a_leader_whose_discovery_is_stuck_is_replaced(tmp_path):
+    state = tmp_path / "s"
+    stuck = _StuckClient()
+    a = MeshManager(make_config(state), GatewayMetrics(), lambda s, t: None, stuck)
+    a._scheduler = MonotonicScheduler()
+    b = make_manager(state)
+    assert b.discovery_stale_after == 3 * 1.0 + 3 * 10.0  # refreshInterval 1s, default calls
+    b.discovery_stale_after = 0.4
+    a._sync_leadership()
+    pass_thread = threading.Thread(target=a._discover, daemon=True)
+    pass_thread.start()
+    assert stuck.entered.wait(5)
+    a._sync_leadership()  # the sync still beats
+    b._sync_leadership()
+    assert a.state.leading and not b.state.leading and b.leader_stale is None
+    time.sleep(0.6)
+    a._sync_leadership()  # heartbeat fresh, pass stuck
+    b._sync_leadership()
+    assert b.state.leading and b.state.term == 1
+    a._sync_leadership()  # the generation moved: a steps down
+    assert not a.state.leading
+    stuck.release.set()
+    pass_thread.join(5)
+    assert "web" not in a.snapshot.services or a.snapshot.services["web"].endpoints[0].port != 99
+    a.stop()
+    b.stop()
+
+
+def test_a_stuck_discovery_is_reported_before_the_takeover(tmp_path):
+    state = tmp_path / "s"
+    a, b = make_manager(state), make_manager(state)
+    a._sync_leadership()
+    a._attempt_mono -= 100  # its last pass finished long ago; its sync beats now
+    a._sync_leadership()
+    guard = os.open(os.path.join(state, "generation.lock"), os.O_RDWR | os.O_CREAT)
+    import fcntl
+
+    fcntl.flock(guard, fcntl.LOCK_EX)  # another follower is mid-takeover
+    try:
+        b._sync_leadership()
+        assert "no discovery pass finished for 10" in b.leader_stale
+        ok, why = b.ready()
+        assert not ok and "no discovery pass finished" in why
+        assert b.status()["leaderStale"] == b.leader_stale
+    finally:
+        os.close(guard)
+    a.stop()
+    b.stop()
