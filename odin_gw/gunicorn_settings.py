@@ -28,6 +28,7 @@ import tempfile
 
 from odin_gw import master_state
 from odin_gw.config import ConfigError, load_config, parse_config
+from odin_gw.process_limits import raise_open_files_limit
 
 __all__ = [
     "accesslog",
@@ -162,7 +163,19 @@ if not _reload:
 def on_starting(server):
     for notice in _cfg.notices:
         server.log.warning("config: %s", notice)
+    said = raise_open_files_limit(_mesh_watches(_cfg))
+    if said:
+        (server.log.warning if said.startswith("WARNING") else server.log.info)("%s", said)
     os.environ["ODIN_NOTICES_LOGGED"] = "1"  # workers need not repeat them
+
+
+def _mesh_watches(cfg):
+    """Long-lived control-plane queries the leader holds (Consul: one per service and
+    datacenter); each is an open connection."""
+    mesh = cfg.service_mesh
+    if mesh.kind != "consul":
+        return 0
+    return len(cfg.services) * len(mesh.consul.all_datacenters)
 
 
 def _export_binds(server):
