@@ -1,18 +1,21 @@
 """Mesh header injectors, each a small class named for the events it handles.
 
 ``request`` runs in a Flask ``before_request`` hook (once per request), ``upstream`` once
-per attempt after an endpoint is chosen. ``strip`` names the environ keys of headers
-that must never pass through from a client (a spoofed mesh header is a security hole).
+per attempt after an endpoint is chosen. ``strip`` and ``strip_prefixes`` name the
+environ keys of client headers that never pass through (a spoofed mesh header is a
+security hole); the forwarder drops them before any injector adds its own.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 
-from ..config.model import ConsulConfig
+from ..config.model import ConsulConfig, MeshConfig, ServiceConfig
 from ..proxy.exchange import Exchange
+from ..proxy.headers import UNTRUSTED_ONLY, env_key, upstream_headers
 from .snapshot import Endpoint
+from .tracing import extract, new_span_id, new_trace_id, sampler, traceparent
 
 log = logging.getLogger("odin_gw.mesh")
 
@@ -58,6 +61,125 @@ class ConsulHeaders(MeshHeaders):
             headers["X-Consul-Token"] = self.token
 
 
+class IstioHeaders(MeshHeaders):
+    """The spec's "Istio Headers", as today's Istio and Envoy read them.
+
+    Per request (:meth:`request`): the trace is continued from ``b3``, ``x-b3-*`` or
+    ``traceparent`` (see :mod:`odin_gw.mesh.tracing`), or a new one starts;
+    ``X-B3-TraceId``, ``X-B3-Sampled`` (kept, else decided by ``istio.samplingRate``),
+    ``X-B3-ParentSpanId`` (the caller's span, when there was one), ``X-B3-Flags: 1``
+    (debug, when asked), ``tracestate`` (with its own trace only) and
+    ``X-Envoy-Namespace`` (``serviceMesh.namespace``) are added. ``X-Request-Id`` is the
+    exchange's (kept when sane, else a new UUID).
+
+    Per attempt (:meth:`upstream`): a new ``X-B3-SpanId`` and the matching
+    ``traceparent``, so each try, a retry on another endpoint too, is its own hop.
+
+    Stripped from clients: the trace headers above (re-sent consistent, never raw) and
+    every ``x-envoy-*``. Those steer the gateway's own sidecar and the target's (timeouts,
+    retries, routing: ``x-envoy-upstream-rq-timeout-ms``, ``x-envoy-retry-on``,
+    ``x-envoy-max-retries``...), so a client must never set them, even when
+    ``istio.customHeaders`` lists one (a warning at start says so).
+
+    ``istio.customHeaders`` are copied as received from the client, whatever else would
+    have dropped them (a ``Connection`` header naming them, for instance), except names
+    the gateway decides itself, each reported once at start: trace headers and
+    ``X-Request-Id`` (propagated by the rules above: a valid id continues unchanged, an
+    invalid one would break the trace), ``x-envoy-*``, hop-by-hop and framing headers,
+    forwarding headers (``Host``, ``X-Forwarded-*``, ``Forwarded``...: trust is
+    ``server.trustedProxies``'s call), and names a service sets in its ``headers`` (the
+    service's value must win; other services still get the client's copy as an ordinary
+    header).
+    """
+
+    strip = frozenset({"HTTP_B3", "HTTP_TRACEPARENT", "HTTP_TRACESTATE"})
+    strip_prefixes = ("HTTP_X_B3_", "HTTP_X_ENVOY_")
+
+    def __init__(self, mesh: MeshConfig, services: Iterable[ServiceConfig] = ()) -> None:
+        self.decide = sampler(mesh.istio.sampling_rate)  # () -> "1" | "0"
+        self.namespace = ("X-Envoy-Namespace", mesh.namespace)
+        self.custom = _custom_copies(mesh.istio.custom_headers, services)
+
+    def request(self, exchange: Exchange, environ: dict) -> None:
+        inbound = extract(environ)
+        add = exchange.mesh_headers.append
+        trace = inbound.trace_id
+        add(("X-B3-TraceId", trace or new_trace_id()))
+        if trace is not None:  # the caller's span is the parent of the upstream hop
+            add(("X-B3-ParentSpanId", inbound.span_id))
+        add(("X-B3-Sampled", inbound.sampled or self.decide()))
+        if inbound.debug:
+            add(("X-B3-Flags", "1"))
+        if inbound.tracestate is not None:
+            add(("tracestate", inbound.tracestate))
+        add(self.namespace)
+        for key, name in self.custom:
+            value = environ.get(key)
+            if value is not None:
+                add((name, value))
+
+    def upstream(
+        self, exchange: Exchange, endpoint: Endpoint, headers: MutableMapping[str, str]
+    ) -> None:
+        # The trace id and decision are read back from what will be sent, so the span and
+        # traceparent always agree with them.
+        trace = headers.get("X-B3-TraceId")
+        sampled = headers.get("X-B3-Sampled")
+        if trace is None or sampled is None:  # request() did not run: a trace of its own
+            trace = headers["X-B3-TraceId"] = new_trace_id()
+            sampled = headers["X-B3-Sampled"] = self.decide()
+        span = new_span_id()
+        headers["X-B3-SpanId"] = span
+        headers["traceparent"] = traceparent(trace, span, sampled)
+
+
+# Trace headers the gateway continues itself (IstioHeaders), besides the x-b3-* prefix.
+_TRACE_NAMES = frozenset({"x-request-id", "b3", "traceparent", "tracestate"})
+# Body framing is the gateway's: a copied Content-Length would desynchronise the stream.
+_FRAMING = frozenset({"content-length", "content-type", "transfer-encoding"})
+
+
+def _custom_copies(
+    names: Iterable[str], services: Iterable[ServiceConfig]
+) -> tuple[tuple[str, str], ...]:
+    """``(environ key, header name)`` of the ``istio.customHeaders`` copied as received;
+    the names refused are logged (see :class:`IstioHeaders`)."""
+    set_by_service = {name.lower() for svc in services for name, _ in svc.headers}
+    copies: dict[str, tuple[str, str]] = {}
+    for name in names:
+        lower, key = name.lower(), env_key(name)
+        if lower in _TRACE_NAMES or lower.startswith("x-b3-"):
+            log.info(
+                "istio.customHeaders %s: a trace header, propagated by the trace rules "
+                "(a valid incoming value continues, an invalid one is replaced)",
+                name,
+            )
+        elif lower.startswith("x-envoy-"):
+            log.warning(
+                "istio.customHeaders %s: x-envoy-* headers steer Envoy (timeouts, retries, "
+                "routing) and are always stripped from clients; it is not propagated",
+                name,
+            )
+        elif lower in _FRAMING or not upstream_headers({key: "x"}, UNTRUSTED_ONLY):
+            # upstream_headers() keeps no hop-by-hop header and none the gateway sets
+            # itself (Host, X-Forwarded-*, X-Real-IP) or believes only from trusted proxies.
+            log.warning(
+                "istio.customHeaders %s: hop-by-hop, framing or forwarding header set by "
+                "the gateway itself (see server.trustedProxies); a client's copy is not "
+                "propagated",
+                name,
+            )
+        elif lower in set_by_service:
+            log.warning(
+                "istio.customHeaders %s: a service sets it in its headers, and that value "
+                "wins; to other services the client's copy goes as an ordinary header",
+                name,
+            )
+        else:
+            copies.setdefault(lower, (key, name))
+    return tuple(copies.values())
+
+
 def injectors_for(config) -> list[MeshHeaders]:
     """The injector pipeline for the configured mesh (order = call order)."""
     mesh = config.service_mesh
@@ -68,4 +190,6 @@ def injectors_for(config) -> list[MeshHeaders]:
                 "backend as X-Consul-Token; any backend can then act on Consul with it"
             )
         return [ConsulHeaders(mesh.consul)]
+    if mesh.kind == "istio":  # sidecar and direct mode alike
+        return [IstioHeaders(mesh, config.services)]
     return []

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import random
 import time
 from typing import TYPE_CHECKING
+
+from ..mesh.tracing import new_request_id
 
 if TYPE_CHECKING:
     from .trust import Forwarding
 
-# Request ids need uniqueness, not secrecy: a PRNG avoids a getrandom() syscall (and a
-# GIL hand-off) per request that uuid.uuid4() would make.
-_random = random.Random()
-_CLEAR = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
-_V4 = (0x4000 << 64) | (0x8000 << 48)
-
-_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:+/=")
+_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:+/="
 
 
 class Exchange:
@@ -61,9 +56,14 @@ class Exchange:
 
 
 def inbound_request_id(value: str | None) -> str:
-    """The client's ``X-Request-Id`` when it is a sane token, else a fresh uuid4."""
-    if value and len(value) <= 200 and all(c in _ID_OK for c in value):
+    """The client's ``X-Request-Id`` when it is a sane token (at most 200 characters of
+    letters, digits and ``-_.:+/=``), else a fresh version-4 UUID.
+
+    Generated ids come from the same CSPRNG pool as trace ids (one ``getrandom()`` per
+    4 KiB, not per request): an id a client can predict lets it collide with another
+    request's logs and traces.
+    """
+    # str.strip removes a set of characters from both ends: only a sane id leaves "".
+    if value and len(value) <= 200 and not value.strip(_ID_CHARS):
         return value
-    # A version-4 UUID, formatted by hand (uuid.UUID() validates at length).
-    h = "%032x" % ((_random.getrandbits(128) & _CLEAR) | _V4)
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return new_request_id()

@@ -1,15 +1,25 @@
 import io
 import ipaddress
+import logging
+import uuid
+from types import SimpleNamespace
 
 import pytest
 
-from odin_gw.config.model import ConsulConfig, GatewayConfig, ServiceConfig
+from odin_gw.config.model import (
+    ConsulConfig,
+    GatewayConfig,
+    IstioConfig,
+    MeshConfig,
+    ServiceConfig,
+)
 from odin_gw.config.schema import parse_target
 from odin_gw.errors import UnsupportedTransferEncoding
-from odin_gw.mesh.headers import ConsulHeaders
+from odin_gw.mesh.headers import ConsulHeaders, IstioHeaders, injectors_for
 from odin_gw.mesh.snapshot import Endpoint
 from odin_gw.proxy.blueprint import unsafe_path
-from odin_gw.proxy.exchange import Exchange
+from odin_gw.proxy.exchange import Exchange, inbound_request_id
+from odin_gw.proxy.forwarder import Forwarder
 from odin_gw.proxy.headers import (
     OutboundHeaders,
     header_name,
@@ -280,3 +290,198 @@ def test_request_body_cut_short_is_a_client_disconnect():
         with pytest.raises(ClientDisconnected, match=f"of {size}"):
             out, _ = build(env)
             b"".join(out.body)
+
+
+# -- Istio headers ---------------------------------------------------------------------
+
+B3_TRACE = "463ac35c9f6413ad48485a3953bb6124"
+B3_SPAN = "a2fb4a1d1a96d312"
+
+
+def istio_mesh(rate=1.0, custom=(), namespace="shop", sidecar=True):
+    return MeshConfig(
+        enabled=True,
+        type="istio",
+        namespace=namespace,
+        istio=IstioConfig(sampling_rate=rate, custom_headers=tuple(custom), inject_sidecar=sidecar),
+    )
+
+
+def istio_build(env, injector=None, attempts=1):
+    """The upstream headers of each attempt, built as the forwarder does."""
+    injector = injector or IstioHeaders(istio_mesh())
+    exchange = Exchange(env)
+    injector.request(exchange, env)
+    builder = OutboundBuilder(injector.strip, injector.strip_prefixes)
+    out = builder.build(env, route(), exchange)
+    sent = []
+    for _ in range(attempts):
+        injector.upstream(exchange, Endpoint(address="h", port=1), out.headers)
+        sent.append(OutboundHeaders())
+        sent[-1].update(out.headers)
+    return sent
+
+
+@pytest.mark.parametrize("sidecar", [True, False])
+def test_injectors_for_istio_in_both_modes(sidecar):
+    config = GatewayConfig(service_mesh=istio_mesh(sidecar=sidecar))
+    (injector,) = injectors_for(config)
+    assert isinstance(injector, IstioHeaders)
+
+
+def test_forwarder_strips_what_the_istio_injector_names():
+    gateway = SimpleNamespace(injectors=[IstioHeaders(istio_mesh())], config=GatewayConfig())
+    outbound = Forwarder(gateway).outbound
+    env = request_env(
+        x_envoy_retry_on="5xx",
+        x_envoy_upstream_rq_timeout_ms="1",
+        x_b3_parentspanid="0000000000000001",
+        traceparent="junk",
+        b3="junk",
+        x_keep="1",
+    )
+    out = outbound.build(env, route(), Exchange(env))
+    left = {k.lower() for k in out.headers}
+    assert "x-keep" in left
+    assert not {n for n in left if n.startswith(("x-envoy-", "x-b3-", "b3", "traceparent"))}
+
+
+def test_new_trace_headers_and_shapes():
+    (h,) = istio_build(
+        request_env(x_envoy_max_retries="9", x_envoy_namespace="evil", x_request_id="req-1")
+    )
+    trace, span = h["X-B3-TraceId"], h["X-B3-SpanId"]
+    assert len(trace) == 32 and int(trace, 16) and trace == trace.lower()
+    assert len(span) == 16 and int(span, 16) and span == span.lower()
+    assert h["X-B3-Sampled"] == "1"
+    assert h["traceparent"] == f"00-{trace}-{span}-01"
+    assert h["X-Envoy-Namespace"] == "shop" and h["X-Request-Id"] == "req-1"
+    for absent in ("X-B3-ParentSpanId", "X-B3-Flags", "tracestate", "X-Envoy-Max-Retries"):
+        assert absent not in h
+
+
+def test_incoming_b3_continues_with_a_new_span_per_attempt():
+    env = request_env(
+        x_b3_traceid=B3_TRACE.upper(), x_b3_spanid=B3_SPAN, x_b3_sampled="0", x_b3_flags="0"
+    )
+    first, second = istio_build(env, attempts=2)
+    for h in (first, second):
+        assert h["X-B3-TraceId"] == B3_TRACE and h["X-B3-ParentSpanId"] == B3_SPAN
+        assert h["X-B3-Sampled"] == "0" and "X-B3-Flags" not in h
+        assert h["traceparent"] == f"00-{B3_TRACE}-{h['X-B3-SpanId']}-00"
+    assert first["X-B3-SpanId"] != second["X-B3-SpanId"]
+    assert B3_SPAN not in (first["X-B3-SpanId"], second["X-B3-SpanId"])
+
+
+def test_debug_flag_is_sampled_and_propagated():
+    (h,) = istio_build(request_env(b3=f"{B3_TRACE}-{B3_SPAN}-d"), IstioHeaders(istio_mesh(0.0)))
+    assert h["X-B3-Sampled"] == "1" and h["X-B3-Flags"] == "1"
+    assert h["traceparent"].endswith("-01") and h["X-B3-ParentSpanId"] == B3_SPAN
+
+
+def test_64_bit_trace_id_kept_and_padded_in_traceparent():
+    (h,) = istio_build(request_env(x_b3_traceid=B3_SPAN, x_b3_spanid=B3_SPAN))
+    assert h["X-B3-TraceId"] == B3_SPAN
+    assert h["traceparent"] == f"00-{'0' * 16}{B3_SPAN}-{h['X-B3-SpanId']}-01"
+
+
+def test_traceparent_alone_gives_trace_parent_and_state():
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    (h,) = istio_build(request_env(traceparent=tp, tracestate="rojo=00f067aa0ba902b7"))
+    assert h["X-B3-TraceId"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert h["X-B3-ParentSpanId"] == "00f067aa0ba902b7" and h["X-B3-Sampled"] == "0"
+    assert h["traceparent"] == f"00-4bf92f3577b34da6a3ce929d0e0e4736-{h['X-B3-SpanId']}-00"
+    assert h["tracestate"] == "rojo=00f067aa0ba902b7"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"x_b3_traceid": "0" * 32, "x_b3_spanid": B3_SPAN},
+        {"x_b3_traceid": B3_TRACE[:-2], "x_b3_spanid": B3_SPAN},
+        {"x_b3_traceid": B3_TRACE, "x_b3_spanid": "not-hex-at-all!!"},
+        {"b3": f"{B3_TRACE}-{B3_SPAN}-x"},
+        {"traceparent": f"00-{B3_TRACE}-{'0' * 16}-01", "tracestate": "a=1"},
+    ],
+)
+def test_invalid_incoming_ids_start_a_new_trace(headers):
+    (h,) = istio_build(request_env(**headers))
+    assert h["X-B3-TraceId"] != B3_TRACE and len(h["X-B3-TraceId"]) == 32
+    assert "X-B3-ParentSpanId" not in h and "tracestate" not in h
+    assert h["traceparent"] == f"00-{h['X-B3-TraceId']}-{h['X-B3-SpanId']}-01"
+
+
+@pytest.mark.parametrize(("rate", "sampled"), [(1.0, "1"), (0.0, "0")])
+def test_sampling_decided_by_rate_unless_the_caller_decided(rate, sampled):
+    injector = IstioHeaders(istio_mesh(rate))
+    (h,) = istio_build(request_env(), injector)
+    assert h["X-B3-Sampled"] == sampled and h["traceparent"].endswith(f"-0{sampled}")
+    kept = "0" if sampled == "1" else "1"
+    (h,) = istio_build(request_env(x_b3_sampled=kept), injector)
+    assert h["X-B3-Sampled"] == kept
+
+
+def test_upstream_alone_still_sends_a_consistent_trace():
+    headers = OutboundHeaders()
+    IstioHeaders(istio_mesh(0.0)).upstream(None, Endpoint(address="h", port=1), headers)
+    trace, span = headers["X-B3-TraceId"], headers["X-B3-SpanId"]
+    assert headers["X-B3-Sampled"] == "0" and headers["traceparent"] == f"00-{trace}-{span}-00"
+
+
+def test_custom_headers_copied_as_received_even_when_connection_names_them():
+    injector = IstioHeaders(istio_mesh(custom=["X-Tenant", "x-tenant", "X-Flow"]))
+    env = request_env(connection="X-Tenant", x_tenant="  t1  ", x_flow="f")
+    (h,) = istio_build(env, injector)
+    assert [(k, v) for k, v in h.items() if k.lower() == "x-tenant"] == [("X-Tenant", "  t1  ")]
+    assert h["X-Flow"] == "f"
+    (h,) = istio_build(request_env(), injector)  # absent: nothing invented
+    assert "X-Tenant" not in h
+
+
+def test_custom_headers_the_gateway_decides_are_refused_at_start(caplog):
+    svc = ServiceConfig(name="a", base_path="/a", headers=(("X-Api-Key", "secret"),))
+    names = [
+        "X-Envoy-Retry-On",
+        "X-Forwarded-For",
+        "Host",
+        "Forwarded",
+        "Transfer-Encoding",
+        "Content-Length",
+        "X-API-KEY",
+        "X-Request-ID",
+        "X-B3-TraceId",
+        "X-Tenant",
+    ]
+    with caplog.at_level(logging.INFO, logger="odin_gw.mesh"):
+        injector = IstioHeaders(istio_mesh(custom=names), [svc])
+    assert injector.custom == (("HTTP_X_TENANT", "X-Tenant"),)
+    logged = {r.getMessage().split(":")[0].split()[-1]: r.levelno for r in caplog.records}
+    assert logged == {n: logging.WARNING for n in names[:7]} | {
+        "X-Request-ID": logging.INFO,
+        "X-B3-TraceId": logging.INFO,
+    }
+    env = request_env(
+        x_envoy_retry_on="5xx",
+        x_forwarded_for="6.6.6.6",
+        x_api_key="attacker",
+        x_request_id="r-1",
+        x_b3_traceid="0" * 32,
+    )
+    (h,) = istio_build(env, injector)
+    assert "X-Envoy-Retry-On" not in h and h["X-Forwarded-For"] == "10.0.0.1"
+    assert h["X-Request-Id"] == "r-1" and h["X-B3-TraceId"] != "0" * 32
+
+
+@pytest.mark.parametrize(
+    "given", ["abc", "7bbca6a9-b1bc-4b6a-903c-4a740b7c3113", "a.b:c+d/e=f_g", "x" * 200]
+)
+def test_sane_request_id_is_kept(given):
+    assert inbound_request_id(given) == given
+
+
+@pytest.mark.parametrize("given", [None, "", "a b", "x" * 201, "id\u00e9", "a,b", "<script>"])
+def test_other_request_ids_are_replaced_by_a_fresh_uuid4(given):
+    ids = {inbound_request_id(given) for _ in range(50)}
+    assert len(ids) == 50
+    for value in ids:
+        assert uuid.UUID(value).version == 4 and str(uuid.UUID(value)) == value
