@@ -8,6 +8,7 @@ from types import MappingProxyType
 
 from .accesslog import AccessLog
 from .config.model import GatewayConfig
+from .ext_authz import ExtAuthz
 from .mesh.headers import injectors_for
 from .mesh.manager import MeshManager
 from .mesh.snapshot import Endpoint, ServiceEndpoints, Snapshot
@@ -46,6 +47,8 @@ class Gateway:
         self.mesh = manager or MeshManager(config, self.metrics, self._on_snapshot)
         self._on_snapshot(self.mesh.snapshot, self.mesh.tls)
         self.forwarder = Forwarder(self)
+        # istio.enablePolicyCheck: the ext_authz check before each proxied request.
+        self.ext_authz = ExtAuthz.from_config(config, self.forwarder.outbound, pool_size=threads)
         logs = config.logging
         self.access_log = (
             AccessLog(json_lines=logs.json)
@@ -59,6 +62,8 @@ class Gateway:
     def stop(self) -> None:
         self.mesh.stop()
         self.session.close()
+        if self.ext_authz is not None:
+            self.ext_authz.close()
         if self.access_log is not None:
             self.access_log.close()
 

@@ -34,7 +34,8 @@ _OBSOLETE = {
     ),
     ("istio", "enablePolicyCheck"): (
         "Mixer policy checks were removed in Istio 1.8: policy is AuthorizationPolicy, whose "
-        "CUSTOM action calls an ext_authz authorizer; this flag does nothing yet"
+        "CUSTOM action calls an ext_authz authorizer; the gateway asks the one at "
+        "istio.authzAddr before forwarding (Envoy's ext_authz HTTP protocol)"
     ),
     ("linkerd", "controlPlaneAddr"): (
         "Linkerd's public controller API was removed before 2.11: endpoints come from "

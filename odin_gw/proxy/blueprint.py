@@ -42,6 +42,7 @@ class ProxyView:
         ]
         self.own_paths = frozenset(own)
         self.own_dirs = tuple(p.rstrip("/") + "/" for p in own)
+        self.ext_authz = gateway.ext_authz  # None unless istio.enablePolicyCheck
 
     def __call__(self, path: str = ""):
         environ = request.environ
@@ -72,6 +73,10 @@ class ProxyView:
         if route is None:
             raise RouteNotFound("no route for path", path=path_info)
         exchange.service = route.name
+        if self.ext_authz is not None:  # Envoy's ext_authz: only requests with a route
+            denied = self.ext_authz.check(environ, route, exchange)
+            if denied is not None:
+                return denied
         return self.gateway.forwarder.forward(environ, route, exchange)
 
     @staticmethod
