@@ -65,7 +65,11 @@ class Endpoint:
     """One instance of a service that may receive requests.
 
     ``identity`` is the SPIFFE ID the instance must present when reached over mesh mTLS
-    (``None``: plain HTTP, or TLS checked against the CA only). ``host_header`` is what the
+    (``None``: plain HTTP, or TLS checked against the CA only); ``identities`` lists
+    alternatives, any one of which will do (Istio: the SAN matchers of the cluster's
+    transport socket, one per service account of the service). ``sni`` is the TLS server
+    name to send (Istio: ``outbound_.<port>_._.<host>``), ``locality`` where the instance
+    runs (``region/zone/subzone``). ``host_header`` is what the
     ``Host`` header should say when the route does not preserve the client's.
 
     ``static`` marks a target from the config (never from discovery): over ``https`` it
@@ -89,12 +93,19 @@ class Endpoint:
     status: str = "passing"
     static: bool = False
     ca_file: str | None = None
+    identities: tuple[str, ...] = ()
+    sni: str | None = None
+    locality: str | None = None
     key: str = field(default="", compare=False)
     pool_key: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.key:
             ident = f"#{self.identity}" if self.identity else ""
+            if self.identities:
+                ident += "#" + "|".join(self.identities)
+            if self.sni:
+                ident += f"@{self.sni}"
             object.__setattr__(self, "key", f"{self.scheme}://{self.address}:{self.port}{ident}")
         if not self.pool_key:
             pool_key = self.key
@@ -122,6 +133,9 @@ class Endpoint:
             "hostHeader": self.host_header,
             "node": self.node,
             "serviceId": self.service_id,
+            **({"identities": list(self.identities)} if self.identities else {}),
+            **({"sni": self.sni} if self.sni else {}),
+            **({"locality": self.locality} if self.locality is not None else {}),
         }
 
     @classmethod
@@ -130,8 +144,13 @@ class Endpoint:
         _check(isinstance(data.get("address"), str), "endpoint address must be a string")
         port = data.get("port")
         _check(isinstance(port, int) and 0 < port < 65536, "endpoint port must be 1-65535")
-        for key in ("datacenter", "identity", "node", "serviceId", "hostHeader"):
+        for key in ("datacenter", "identity", "node", "serviceId", "hostHeader", "sni", "locality"):
             _opt_str(data.get(key), f"endpoint {key}")
+        identities = data.get("identities") or []
+        _check(
+            isinstance(identities, list) and all(isinstance(i, str) for i in identities),
+            "endpoint identities must be a list of strings",
+        )
         _check(data.get("scheme", "http") in ("http", "https"), "endpoint scheme")
         _check(isinstance(data.get("weight", 1), int), "endpoint weight must be a number")
         return cls(
@@ -146,6 +165,9 @@ class Endpoint:
             host_header=str(data.get("hostHeader") or ""),
             node=data.get("node"),
             service_id=data.get("serviceId"),
+            identities=tuple(identities),
+            sni=data.get("sni"),
+            locality=data.get("locality"),
         )
 
 

@@ -126,7 +126,8 @@ class TlsMaterial:
         cached = self.__dict__.get("_context")
         if cached is not None:
             return cached
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx = _MeshContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.alpn = self.alpn
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_REQUIRED
@@ -146,6 +147,21 @@ class TlsMaterial:
         if self.facts:
             out.update(self.facts.to_dict())
         return out
+
+
+class _MeshContext(ssl.SSLContext):
+    """A client context that keeps the mesh's ALPN.
+
+    urllib3 sets its own ALPN (``["http/1.1"]``) on the context at every handshake
+    (``ssl_wrap_socket``; pinned by ``test_pin_urllib3_sets_its_alpn_at_every_handshake``).
+    Istio's sidecars choose their inbound mTLS filter chain by ALPN: a context whose
+    material names protocols offers those, whatever urllib3 asks for.
+    """
+
+    alpn: tuple[str, ...] = ()
+
+    def set_alpn_protocols(self, alpn_protocols) -> None:
+        super().set_alpn_protocols(list(self.alpn) or list(alpn_protocols))
 
 
 class TlsPairing:

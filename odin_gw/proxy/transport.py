@@ -388,6 +388,14 @@ def open_response(
                     preload_content=False,
                     decode_content=False,
                 )
+        except ssl.SSLError as exc:
+            if fresh:
+                # TLS 1.3 ends the handshake on our side before the peer checks our
+                # certificate: a refusal (an alert, or the session cut) meets the first
+                # write. Nothing of the request reached the application.
+                raise ConnectFailed(f"the peer ended the TLS session: {exc}") from exc
+            sent_error = exc
+            conn.keep_alive = False
         except _SEND_FAILED as exc:
             # The upstream may have answered and closed before reading all of the body
             # (a 401 or 413 to an upload): read that answer, as nginx does.
@@ -413,6 +421,10 @@ def open_response(
             nothing = isinstance(exc, http.client.RemoteDisconnected) or (
                 reader is None or not reader.answered
             )
+            if fresh and nothing and _is_tls_alert(exc):
+                # The peer's verdict on our certificate (TLS 1.3 sends it after our side
+                # of the handshake is done): it refused the session before any request.
+                raise ConnectFailed(f"the peer refused the TLS session: {exc}") from exc
             if nothing and not fresh:
                 raise StaleConnection(str(exc)) from (sent_error or exc)
             if isinstance(exc, http.client.HTTPException) and not isinstance(
@@ -432,6 +444,12 @@ def open_response(
     conn.home = pool
     response._connection = conn
     return response
+
+
+def _is_tls_alert(exc: BaseException) -> bool:
+    """An alert from the peer's TLS stack (``SSLV3_ALERT_...``/``TLSV13_ALERT_...``): sent
+    only by TLS, never after a request was taken (a server that took it answers in HTTP)."""
+    return isinstance(exc, ssl.SSLError) and "_ALERT_" in str(getattr(exc, "reason", "") or "")
 
 
 # urllib3 sends a zero length for other methods without a body; so does the fast path.
@@ -556,15 +574,18 @@ class MeshAdapter(BaseAdapter):
             return pool
         material = self.material
         if material is not None and not endpoint.static:
-            if endpoint.identity or material.trust_domain:
-                # Mesh peer: chain checked against the mesh CA, identity by SPIFFE ID.
+            if endpoint.identity or endpoint.identities or material.trust_domain:
+                # Mesh peer: chain checked against the mesh CA, identity by SPIFFE ID. SNI
+                # only where the mesh names one (Istio's sidecars route inbound by it).
                 pool = HTTPSConnectionPool(
                     endpoint.address,
                     endpoint.port,
                     ssl_context=material.context(),
                     assert_hostname=False,
+                    server_hostname=endpoint.sni,
                     cert_reqs="CERT_REQUIRED",
                     expected_identity=endpoint.identity,
+                    expected_identities=endpoint.identities,
                     trust_domain=material.trust_domain,
                     **common,
                 )

@@ -72,6 +72,7 @@ class Connection:
 
     requests: list[Received] = field(default_factory=list)
     peer_cert: dict | None = None
+    alpn: str | None = None  # the protocol ALPN settled on (TLS only)
     closed: threading.Event = field(default_factory=threading.Event)
 
 
@@ -164,6 +165,7 @@ class RawUpstream:
             if self.tls is not None:
                 sock = self.tls.wrap_socket(sock, server_side=True)
                 record.peer_cert = sock.getpeercert()
+                record.alpn = sock.selected_alpn_protocol()
             reader = _Reader(sock)
             for step in script:
                 head = reader.head()

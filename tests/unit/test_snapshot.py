@@ -41,3 +41,51 @@ def test_endpoint_host_header():
     assert Endpoint("10.0.0.1", 80).host_header == "10.0.0.1"
     assert Endpoint("10.0.0.1", 8080).host_header == "10.0.0.1:8080"
     assert Endpoint("::1", 443, scheme="https").host_header == "[::1]"
+
+
+def test_istio_endpoint_fields_round_trip_and_key_the_pool():
+    sans = ("spiffe://cluster.local/ns/shop/sa/a", "spiffe://cluster.local/ns/shop/sa/b")
+    sni = "outbound_.9080_._.reviews.shop.svc.cluster.local"
+    ep = Endpoint(
+        "10.0.0.9",
+        9080,
+        scheme="https",
+        identities=sans,
+        sni=sni,
+        locality="eu/eu-1a/rack3",
+        status="draining",
+        healthy=False,
+        weight=5,
+    )
+    svc = ServiceEndpoints("reviews", (ep,), source="istio")
+    back = Snapshot.from_json(Snapshot(mesh="istio").with_services({"reviews": svc}).to_json())
+    again = back.services["reviews"].endpoints[0]
+    assert again == ep and again.pool_key == ep.pool_key
+    assert again.to_dict()["identities"] == list(sans) and again.to_dict()["sni"] == sni
+    # Connections for other accepted identities or another SNI are other connections.
+    assert Endpoint("10.0.0.9", 9080, scheme="https", identities=sans[:1], sni=sni).pool_key != (
+        ep.pool_key
+    )
+    assert Endpoint("10.0.0.9", 9080, scheme="https", identities=sans).pool_key != ep.pool_key
+    # Consul endpoints keep their JSON shape (no new keys).
+    assert set(Endpoint("10.0.0.1", 80).to_dict()) == {
+        "address",
+        "port",
+        "scheme",
+        "healthy",
+        "status",
+        "weight",
+        "datacenter",
+        "identity",
+        "hostHeader",
+        "node",
+        "serviceId",
+    }
+
+
+def test_bad_identities_are_refused():
+    import pytest
+
+    doc = Endpoint("10.0.0.1", 80).to_dict() | {"identities": "spiffe://x"}
+    with pytest.raises(ValueError, match="identities must be a list of strings"):
+        Endpoint.from_dict(doc)

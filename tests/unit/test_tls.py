@@ -92,3 +92,14 @@ def test_pairing_publishes_the_newest_leaf_and_roots_last():
     last = published[-1]
     assert (last.cert_pem, last.ca_pem) == (new_leaf.cert_pem, new_ca.cert_pem)
     assert last.trust_domain == CA.trust_domain and last.source == "test"
+
+
+def test_identity_alternatives_accept_any_listed_one():
+    a, b = (f"spiffe://{CA.trust_domain}/ns/shop/sa/{n}" for n in ("a", "b"))
+    check_identity((b,), None, CA.trust_domain, (a, b))
+    with pytest.raises(PeerIdentityError, match=f"expected {a}, peer presented"):
+        check_identity((WEB,), None, CA.trust_domain, (a,))
+    with pytest.raises(PeerIdentityError, match=r"expected one of .*/sa/a, .*/sa/b"):
+        check_identity((WEB,), None, None, (a, b))
+    with pytest.raises(PeerIdentityError):  # the exact identity wins over the alternatives
+        check_identity((b,), a, None, (a, b))

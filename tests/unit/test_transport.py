@@ -11,6 +11,7 @@ import http.client
 import socket
 import ssl
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -18,6 +19,7 @@ from urllib3 import HTTPConnectionPool, HTTPResponse
 from urllib3.exceptions import ClosedPoolError
 from werkzeug.datastructures import Headers
 
+from odin_gw.mesh.identity import PeerIdentityError
 from odin_gw.mesh.snapshot import Endpoint
 from odin_gw.mesh.tls import TlsMaterial
 from odin_gw.proxy.forwarder import ProxyResponse
@@ -125,6 +127,31 @@ def test_pin_socket_makefile_counts_io_refs_and_socketio_keeps_its_socket():
         assert reader.readinto(buf) == 1
         reader.close()
         assert a.fileno() == -1
+
+
+def test_pin_urllib3_sets_its_alpn_at_every_handshake():
+    """Why TlsMaterial's context keeps its own ALPN (``_MeshContext``)."""
+    from urllib3.util import ssl_ as urllib3_ssl
+
+    asked = []
+
+    class Recording(ssl.SSLContext):
+        def set_alpn_protocols(self, protocols):
+            asked.append(list(protocols))
+            super().set_alpn_protocols(protocols)
+
+    ctx = Recording(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    a, b = socket.socketpair()
+    try:
+        a.settimeout(0.2)
+        with pytest.raises((ssl.SSLError, OSError)):
+            urllib3_ssl.ssl_wrap_socket(a, ssl_context=ctx, server_hostname="x")  # no server
+    finally:
+        a.close()
+        b.close()
+    assert asked == [["http/1.1"]]
 
 
 def test_pin_werkzeug_headers_list_is_what_the_wsgi_response_sends():
@@ -311,6 +338,71 @@ def test_mesh_endpoint_gets_mesh_tls_and_presents_the_gateway_identity(pki):
         session.close()
 
 
+def _istio_server(mesh, tmp_name, server, uri, seen):
+    """A sidecar-like TLS server: records the SNI and ALPN the client offered."""
+    ctx = server(mesh, tmp_name, uri=uri)
+    ctx.set_alpn_protocols(["istio-http/1.1", "http/1.1"])
+
+    def note_sni(sock, name, _ctx):
+        seen["sni"] = name
+
+    ctx.sni_callback = note_sni
+    return ctx
+
+
+def test_istio_endpoint_sends_sni_and_alpn_and_accepts_any_listed_san(pki):
+    mesh, _public, material, _public_ca, server = pki
+    istio = TlsMaterial(
+        material.cert_pem,
+        material.key_pem,
+        material.ca_pem,
+        source="test",
+        trust_domain=mesh.trust_domain,
+        alpn=("istio-http/1.1",),
+    )
+    session = UpstreamSession(pool_size=2, material=istio)
+    td = mesh.trust_domain
+    reviews = f"spiffe://{td}/ns/shop/sa/reviews-v2"
+    seen: dict = {}
+    sni = "outbound_.9080_._.reviews.shop.svc.cluster.local"
+    try:
+        ctx = _istio_server(mesh, "rv", server, reviews, seen)
+        with RawUpstream([Reply(ok(b"istio"))], tls=ctx) as up:
+            endpoint = Endpoint(
+                "127.0.0.1",
+                up.port,
+                scheme="https",
+                sni=sni,
+                identities=(f"spiffe://{td}/ns/shop/sa/reviews-v1", reviews),
+            )
+            response = exchange(session, endpoint)
+            assert response.read(decode_content=False) == b"istio"
+            release(response)
+            assert seen["sni"] == sni
+            assert up.connections[0].alpn == "istio-http/1.1"
+    finally:
+        session.close()
+
+
+def test_istio_endpoint_outside_the_listed_sans_is_refused_before_sending(pki):
+    mesh, _public, material, _public_ca, server = pki
+    session = UpstreamSession(pool_size=2, material=material)
+    td = mesh.trust_domain
+    try:
+        ctx = server(mesh, "ev", uri=f"spiffe://{td}/ns/shop/sa/evil")
+        with RawUpstream([Reply(ok())], tls=ctx) as up:
+            listed = (f"spiffe://{td}/ns/shop/sa/a", f"spiffe://{td}/ns/shop/sa/b")
+            endpoint = Endpoint("127.0.0.1", up.port, scheme="https", identities=listed)
+            with pytest.raises(ConnectFailed) as info:
+                exchange(session, endpoint)
+            assert isinstance(info.value.__cause__, PeerIdentityError)
+            assert "expected one of " + ", ".join(listed) in str(info.value)
+            assert f"presented spiffe://{td}/ns/shop/sa/evil" in str(info.value)
+            assert all(c.requests == [] for c in up.connections)  # nothing was sent
+    finally:
+        session.close()
+
+
 def test_new_material_mounts_a_new_adapter_and_closes_the_old(pki):
     _mesh, _public, material, _public_ca, _server = pki
     session = UpstreamSession(pool_size=2)
@@ -419,3 +511,27 @@ def test_send_head_refuses_line_breaks_and_control_characters(name, value):
         peer.recv(1)  # nothing was sent
     peer.close()
     conn.sock.close()
+
+
+def test_a_peer_refusing_our_certificate_after_the_handshake_is_a_connect_failure(pki):
+    """TLS 1.3: our side of the handshake completes before the peer checks our certificate;
+    its refusal meets the first write or read. That is a TLS failure before any request
+    reached the application (retryable like a refused connection), not a reset after
+    sending and never an unexpected error."""
+    mesh, public, material, _public_ca, _server = pki
+    web = consul_service_uri(mesh.trust_domain, "web")
+    strict = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert, key = mesh.issue(uri=web).write(Path(_public_ca).parent / "strict")
+    strict.load_cert_chain(str(cert), str(key))
+    strict.load_verify_locations(cadata=public.root_pem)  # trusts the public CA only:
+    strict.verify_mode = ssl.CERT_REQUIRED  # our mesh certificate is refused
+    session = UpstreamSession(pool_size=2, material=material)
+    try:
+        with RawUpstream([Reply(ok())], tls=strict) as up:
+            endpoint = Endpoint("127.0.0.1", up.port, scheme="https", identity=web)
+            with pytest.raises(ConnectFailed) as info:
+                exchange(session, endpoint)
+            assert "TLS session" in str(info.value)
+            assert isinstance(info.value.__cause__, ssl.SSLError)
+    finally:
+        session.close()
