@@ -94,7 +94,7 @@ def services():
             "targets": [_endpoint(e, route, e.key in active_keys) for e in service.endpoints],
         }
         if route.sidecar is not None:
-            doc["sidecar"] = _sidecar(route)
+            doc["sidecar"] = _sidecar(route, gateway.mesh.mesh.kind)
         out.append(doc)
     return jsonify(
         mesh=gateway.mesh.mesh.kind,
@@ -104,15 +104,21 @@ def services():
     )
 
 
-def _sidecar(route) -> dict:
-    """Where a ``connectMode: sidecar`` route's requests go (every one of them)."""
-    from .mesh.consul_sidecar import NOTE
-
+def _sidecar(route, mesh: str) -> dict:
+    """Where a sidecar-mode route's requests go (every one of them): Consul
+    ``connectMode: sidecar`` or Istio ``injectSidecar: true``."""
     ep = route.sidecar
-    tproxy = ".virtual." in ep.address
+    if mesh == "istio":
+        from .mesh.istio import SIDECAR_NOTE as NOTE
+
+        mode = "istio-sidecar"
+    else:
+        from .mesh.consul_sidecar import NOTE
+
+        mode = "transparent-proxy" if ".virtual." in ep.address else "explicit-upstream"
     return {
         "url": f"http://{ep.host_header}",
-        "mode": "transparent-proxy" if tproxy else "explicit-upstream",
+        "mode": mode,
         "mtls": "sidecar",
         "loadBalancing": "sidecar",
         "note": NOTE,

@@ -112,6 +112,8 @@ def sidecar_endpoint(svc: ServiceConfig, gateway: GatewayConfig) -> Endpoint | N
     originates the mTLS.
     """
     mesh = gateway.service_mesh
+    if mesh.kind == "istio" and mesh.istio.inject_sidecar:
+        return istio_sidecar_endpoint(svc, gateway)
     if mesh.kind != "consul" or not mesh.consul.sidecar:
         return None
     if svc.upstream is not None:
@@ -122,6 +124,21 @@ def sidecar_endpoint(svc: ServiceConfig, gateway: GatewayConfig) -> Endpoint | N
     name = f"{service}.virtual.{ns}.ns.consul" if ns else f"{service}.virtual.consul"
     port = svc.port or (svc.targets[0].port if svc.targets else 80)
     return Endpoint(address=name, port=port, scheme="http")
+
+
+def istio_sidecar_endpoint(svc: ServiceConfig, gateway: GatewayConfig) -> Endpoint | None:
+    """``istio.injectSidecar: true``: the service's Kubernetes name, which the gateway's
+    own Istio sidecar intercepts, balances and secures (``None`` when the service gives
+    ``targets``: they are used as written, and the sidecar intercepts those as well).
+
+    ``<meshService>.<namespace>.svc.cluster.local:<port>`` (namespace
+    ``serviceMesh.namespace``, port ``services[].port`` else 80), plain HTTP, with that
+    authority as ``Host``: the sidecar picks the route by it.
+    """
+    if svc.targets:
+        return None
+    host = f"{svc.mesh_service or svc.name}.{gateway.service_mesh.namespace}.svc.cluster.local"
+    return Endpoint(address=host, port=svc.port or 80, scheme="http")
 
 
 def _authority(url: str) -> str:

@@ -173,6 +173,18 @@ class MeshConfig:
         """The mesh in effect: ``none`` unless enabled with a type."""
         return self.type if self.enabled else "none"
 
+    @property
+    def istio_direct(self) -> bool:
+        """Istio with ``injectSidecar: false``: the gateway itself is the mesh client."""
+        return self.kind == "istio" and not self.istio.inject_sidecar
+
+    @property
+    def uses_cert_files(self) -> bool:
+        """Whether the workload certificate files are loaded: with ``mtlsEnabled``, and in
+        Istio direct mode always (automatic mTLS needs them for endpoints with sidecars)."""
+        files = bool(self.cert_file and self.key_file and self.ca_file)
+        return files and self.enabled and (self.mtls_enabled or self.istio_direct)
+
 
 @dataclass(frozen=True)
 class GatewayConfig:

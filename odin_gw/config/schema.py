@@ -456,6 +456,16 @@ class MeshSchema(Section):
 
     @validates_schema
     def check(self, data, **kwargs):
+        istio = data.get("istio", model.IstioConfig())
+        if data.get("enabled") and data.get("type") == "istio" and not istio.inject_sidecar:
+            missing = [k for k, a in _TLS_FILES.items() if not data.get(a)]
+            if missing:
+                raise ValidationError(
+                    f"istio.injectSidecar: false needs {', '.join(missing)}: the workload "
+                    "certificate files the istio-agent writes (cert-chain.pem, key.pem, "
+                    "root-cert.pem); endpoints with a sidecar are reached over mTLS",
+                    "istio",
+                )
         if not data.get("enabled") or not data.get("mtls_enabled"):
             return
         consul = data.get("consul")

@@ -79,7 +79,18 @@ def make_client(config: GatewayConfig) -> MeshClient:
             )
             return ConsulClient(discovery_view(config.service_mesh))
         return ConsulClient(config.service_mesh)
-    if kind in ("istio", "linkerd"):
+    if kind == "istio":
+        if config.service_mesh.istio.inject_sidecar:
+            log.info(
+                "istio injectSidecar: plain HTTP to each service's Kubernetes name through "
+                "the gateway's own Istio sidecar (discovery, balancing and mTLS are its "
+                "job); no xDS connection is made"
+            )
+            return StaticClient()
+        from .istio import IstioClient
+
+        return IstioClient(config)
+    if kind == "linkerd":
         log.warning(
             "serviceMesh.type %s: discovery for this mesh is not built yet; routes use "
             "their static targets",
@@ -91,8 +102,7 @@ def make_client(config: GatewayConfig) -> MeshClient:
 def follows_mesh(config: GatewayConfig) -> bool:
     """Whether ``config`` has a control plane or mTLS files to follow (a state dir)."""
     m = config.service_mesh
-    files = bool(m.enabled and m.mtls_enabled and m.cert_file and m.key_file and m.ca_file)
-    return m.kind != "none" or files
+    return m.kind != "none" or m.uses_cert_files
 
 
 def state_dir_for(config: GatewayConfig, config_path: str | None = None) -> str | None:
@@ -136,6 +146,8 @@ class MeshManager:
             getattr(self.client, "call_timeout", DEFAULT_CALL_TIMEOUT)
         )
         self._attempt_mono = monotonic()  # when this process last finished a pass
+        # Istio direct mode: a sidecar's inbound mTLS chain is chosen by this ALPN.
+        self._alpn: tuple[str, ...] = ("istio-http/1.1",) if self.mesh.istio_direct else ()
         self.leader_stale: str | None = None
         self._term = 0  # counts this process's leadership terms
         self._term_stop = threading.Event()
@@ -178,11 +190,10 @@ class MeshManager:
             return False  # the gateway's own sidecar does mTLS
         if m.kind == "consul" and m.consul.enable_connect:
             return True
-        return m.kind != "none" and m.mtls_enabled and self._uses_tls_files()
+        return m.kind != "none" and self._uses_tls_files()
 
     def _uses_tls_files(self) -> bool:
-        m = self.mesh
-        return bool(m.enabled and m.mtls_enabled and m.cert_file and m.key_file and m.ca_file)
+        return self.mesh.uses_cert_files
 
     def ready(self) -> tuple[bool, str]:
         """(ready, why): discovery answered once (or a warm cache), TLS loaded if needed."""
@@ -504,7 +515,7 @@ class MeshManager:
             return
         try:
             material = TlsMaterial.from_files(
-                m.cert_file, m.key_file, m.ca_file, trust_domain=m.trust_domain
+                m.cert_file, m.key_file, m.ca_file, trust_domain=m.trust_domain, alpn=self._alpn
             )
         except TlsMaterialError as exc:
             # Mid-rotation the key may be newer than the cert: keep the old pair, retry.
@@ -751,6 +762,8 @@ class MeshManager:
             "catalog": list(snap.catalog),
             "certificate": self.tls.describe() if self.tls else None,
             "certificateError": self.tls_error,
+            # What the client says of itself (Istio: node id, istiod, clusters); no secrets.
+            **({"client": self.client.describe()} if hasattr(self.client, "describe") else {}),
         }
 
     def _heartbeat_age(self) -> float | None:

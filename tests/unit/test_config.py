@@ -487,7 +487,8 @@ def test_istio_takes_port_but_not_upstream_and_identity_only_in_direct_mode():
         for p in found
     ), found
     direct = (
-        "serviceMesh: {enabled: true, type: istio, istio: {injectSidecar: false}}\n"
+        "serviceMesh: {enabled: true, type: istio, istio: {injectSidecar: false},\n"
+        "  certFile: c.pem, keyFile: k.pem, caFile: r.pem}\n"
         "services:\n - {name: a, basePath: /a, port: 8, identity: sa-a}\n"
     )
     assert dict(parse_config(direct, env={}).services[0].__dict__)["identity"] == "sa-a"
@@ -509,6 +510,16 @@ def test_istio_takes_port_but_not_upstream_and_identity_only_in_direct_mode():
 def test_istio_keys_are_checked(istio, expected):
     found = problems(f"serviceMesh: {{enabled: true, type: istio, istio: {istio}}}\n")
     assert any(expected in p for p in found), found
+
+
+def test_istio_direct_mode_needs_the_workload_certificate_files():
+    found = problems("serviceMesh: {enabled: true, type: istio, istio: {injectSidecar: false}}\n")
+    assert any(
+        p.startswith(
+            "serviceMesh.istio: istio.injectSidecar: false needs certFile, keyFile, caFile"
+        )
+        for p in found
+    ), found
 
 
 def test_istio_defaults():

@@ -75,3 +75,28 @@ def test_flask_answers_no_path_of_its_own_beyond_the_gateways():
     rules = {r.rule for r in app.url_map.iter_rules()}
     assert not any(r.startswith("/static") for r in rules)
     assert {"/<path:path>", "/health", "/ready", "/live"} <= rules
+
+
+def test_istio_sidecar_mode_sends_to_the_kubernetes_name():
+    from odin_gw.config import parse_config
+    from odin_gw.routing import Route
+
+    cfg = parse_config(
+        "serviceMesh: {enabled: true, type: istio, namespace: shop}\n"
+        "services:\n"
+        " - {name: web, basePath: /web}\n"
+        " - {name: api, basePath: /api, meshService: catalog, port: 8080}\n"
+        " - {name: old, basePath: /old, targets: ['http://old.shop.svc.cluster.local:81']}\n",
+        env={},
+    )
+    web, api, old = (Route.from_config(s, cfg) for s in cfg.services)
+    assert web.sidecar.key == "http://web.shop.svc.cluster.local:80"
+    assert web.sidecar.host_header == "web.shop.svc.cluster.local"
+    assert api.sidecar.host_header == "catalog.shop.svc.cluster.local:8080"
+    assert old.sidecar is None and old.static.endpoints[0].port == 81  # targets as written
+    direct = parse_config(
+        "serviceMesh: {enabled: true, type: istio, istio: {injectSidecar: false},\n"
+        "  certFile: c, keyFile: k, caFile: r}\nservices:\n - {name: web, basePath: /web}\n",
+        env={},
+    )
+    assert Route.from_config(direct.services[0], direct).sidecar is None
