@@ -13,6 +13,7 @@ from .accesslog import configure_logging, escape
 from .config import GatewayConfig, load_config
 from .errors import GatewayError
 from .gateway import Gateway
+from .istio_telemetry import istio_telemetry
 from .proxy.exchange import Exchange
 from .proxy.forwarder import ProxyResponse
 from .proxy.trust import ForwardingTrust
@@ -106,6 +107,7 @@ class RequestHooks:
         self.access_log = gateway.access_log
         self.injectors = tuple(gateway.injectors)
         self.trust = ForwardingTrust(gateway.config.server.trusted_proxies)
+        self.istio = istio_telemetry(gateway)  # None unless Istio with enableTelemetry
 
     def start(self) -> None:
         environ = request.environ
@@ -120,7 +122,8 @@ class RequestHooks:
             injector.request(exchange, environ)
 
     def finish(self, response):
-        exchange: Exchange | None = request.environ.get(EXCHANGE)
+        environ = request.environ
+        exchange: Exchange | None = environ.get(EXCHANGE)
         if exchange is None:
             return response
         if not exchange.status:
@@ -135,6 +138,7 @@ class RequestHooks:
                 exchange.response_bytes = response.content_length or 0
         metrics = self.metrics
         access_log = self.access_log
+        istio = self.istio
 
         def done() -> None:
             seconds = exchange.elapsed()
@@ -143,6 +147,8 @@ class RequestHooks:
             )
             if access_log is not None:
                 access_log.record(exchange, seconds)
+            if istio is not None:
+                istio.observe(exchange, seconds, environ)
 
         response.call_on_close(done)
         return response

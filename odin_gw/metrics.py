@@ -91,6 +91,12 @@ class GatewayMetrics:
         )
         self._label_cache: dict[tuple, tuple] = {}
 
+    @property
+    def registry(self) -> CollectorRegistry | None:
+        """Where more metrics of this app register (``None``: multi-process mode, where
+        samples go to files and :meth:`render` reads every metric from them)."""
+        return self._registry
+
     def observe(
         self, service: str | None, method: str, status: int, seconds: float, error_kind: str | None
     ) -> None:

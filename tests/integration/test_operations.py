@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from tests.support.gateway import ROOT, GatewayProcess
+from tests.support.gateway import ROOT, GatewayProcess, one_session_per_worker
 
 pytestmark = pytest.mark.integration
 
@@ -91,20 +91,8 @@ def test_metrics_add_up_across_workers(gateway_factory, upstream):
     gw = gateway_factory(
         {"services": [svc(upstream.url)], "monitoring": {"enabled": True}}, workers=2
     )
-    # One kept-alive session per worker: a connection stays with the worker that took
-    # it, so each worker serves exactly 20 of the 40 requests (bounded search for two
-    # connections taken by different workers).
-    sessions: dict[int, requests.Session] = {}
-    for _ in range(50):
-        session = requests.Session()
-        pid = session.get(gw.url + "/health").json()["pid"]
-        if pid in sessions:
-            session.close()
-        else:
-            sessions[pid] = session
-        if len(sessions) == 2:
-            break
-    assert len(sessions) == 2, "no connection reached the second worker"
+    # One kept-alive session per worker: each worker serves exactly 20 of the 40 requests.
+    sessions = one_session_per_worker(gw)
     for pid, session in sessions.items():
         for _ in range(20):
             r = session.get(gw.url + "/web/x")

@@ -166,3 +166,20 @@ class GatewayProcess:
 
     def __exit__(self, *exc) -> None:
         self.cleanup()
+
+
+def one_session_per_worker(gw: GatewayProcess, workers: int = 2) -> dict[int, requests.Session]:
+    """A kept-alive session per worker pid: a connection stays with the worker that
+    accepted it (bounded search for connections taken by different workers)."""
+    sessions: dict[int, requests.Session] = {}
+    for _ in range(50):
+        session = requests.Session()
+        pid = session.get(gw.url + "/health", timeout=5).json()["pid"]
+        if pid in sessions:
+            session.close()
+        else:
+            sessions[pid] = session
+        if len(sessions) == workers:
+            break
+    assert len(sessions) == workers, "no connection reached every worker"
+    return sessions
