@@ -27,12 +27,12 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(PY) -m pytest tests/integration
 
-## bench: gateway vs a minimal proxy floor, both in front of nginx
+## bench: gateway vs a minimal proxy floor, both in front of nginx (BENCH_ARGS="--mesh istio": Istio sidecar mode)
 bench: $(STAMP)
 	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || \
 		(apt-get update -qq && apt-get install -y -qq nginx wrk >/dev/null)
 	@command -v wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 ## bench-scale: Consul discovery at 1,000 services x 10 instances, 2 workers (figures vs targets)
 bench-scale: $(STAMP)
