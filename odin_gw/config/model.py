@@ -183,7 +183,17 @@ class MeshConfig:
         """Whether the workload certificate files are loaded: with ``mtlsEnabled``, and in
         Istio direct mode always (automatic mTLS needs them for endpoints with sidecars)."""
         files = bool(self.cert_file and self.key_file and self.ca_file)
-        return files and self.enabled and (self.mtls_enabled or self.istio_direct)
+        return files and self.enabled and (self.mtls_enabled or self.istio_direct) and not (
+            self.sidecar_does_mtls
+        )
+
+    @property
+    def sidecar_does_mtls(self) -> bool:
+        """Whether the gateway's own sidecar originates mTLS (Istio ``injectSidecar``,
+        Consul ``connectMode: sidecar``): certificate files, if given, are not used."""
+        if self.kind == "istio":
+            return self.istio.inject_sidecar
+        return self.kind == "consul" and self.consul.sidecar
 
 
 @dataclass(frozen=True)

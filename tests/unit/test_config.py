@@ -570,3 +570,23 @@ def test_sidecar_mode_needs_no_tls_material():
         assert manager.needs_tls()
     finally:
         manager.client.close()
+
+
+@pytest.mark.parametrize(
+    ("mesh", "uses"),
+    [
+        ("type: istio", False),  # injectSidecar: the sidecar holds the certificates
+        ("type: istio, istio: {injectSidecar: false}", True),
+        ("type: istio, mtlsEnabled: false, istio: {injectSidecar: false}", True),
+        ("type: consul, consul: {connectMode: sidecar}", False),
+        ("type: consul", True),
+        ("type: consul, mtlsEnabled: false", False),
+    ],
+)
+def test_certificate_files_are_used_only_where_the_gateway_does_mtls(mesh, uses):
+    cfg = parse_config(
+        f"serviceMesh: {{enabled: true, mtlsEnabled: true, {mesh},\n"
+        "  certFile: c.pem, keyFile: k.pem, caFile: r.pem}\n",
+        env={},
+    )
+    assert cfg.service_mesh.uses_cert_files is uses
