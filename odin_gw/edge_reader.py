@@ -17,6 +17,7 @@ import struct
 import threading
 import time
 
+from gunicorn.http.body import LengthReader
 from gunicorn.http.parser import RequestParser
 from gunicorn.http.unreader import SocketUnreader
 
@@ -125,6 +126,21 @@ class EdgeParser(RequestParser):
     def __init__(self, cfg, source, source_addr, unreader: EdgeUnreader) -> None:
         super().__init__(cfg, source, source_addr)
         self.unreader = unreader
+
+    def finish_body(self, deadline=None, max_bytes=None) -> bool:
+        """gunicorn drains the previous body before each request and again before keeping
+        the connection; each drain sets and restores the socket timeout (two ``fcntl``
+        calls). A length-framed body read to its end (every GET) has nothing to drain."""
+        body = getattr(self.mesg, "body", None)
+        reader = getattr(body, "reader", None)
+        if (
+            type(reader) is LengthReader
+            and reader.length == 0
+            and not body.failed
+            and not body.buf.getbuffer().nbytes
+        ):
+            return True
+        return super().finish_body(deadline=deadline, max_bytes=max_bytes)
 
 
 def _receive_timeout(sock) -> float:

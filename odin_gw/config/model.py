@@ -183,8 +183,11 @@ class MeshConfig:
         """Whether the workload certificate files are loaded: with ``mtlsEnabled``, and in
         Istio direct mode always (automatic mTLS needs them for endpoints with sidecars)."""
         files = bool(self.cert_file and self.key_file and self.ca_file)
-        return files and self.enabled and (self.mtls_enabled or self.istio_direct) and not (
-            self.sidecar_does_mtls
+        return (
+            files
+            and self.enabled
+            and (self.mtls_enabled or self.istio_direct)
+            and not (self.sidecar_does_mtls)
         )
 
     @property

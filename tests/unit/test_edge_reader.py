@@ -186,3 +186,58 @@ def test_the_minimum_rate_counts_every_byte_and_every_wait(piece, trips):
     else:
         assert tripped is None and not reports
         assert u.received == got > 1000  # every byte counted
+
+
+class _CountingSocket:
+    """A socket whose timeout changes are counted (gunicorn's drain sets and restores)."""
+
+    def __init__(self, sock) -> None:
+        self.sock = sock
+        self.timeouts = 0
+
+    def settimeout(self, value) -> None:
+        self.timeouts += 1
+        self.sock.settimeout(value)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def _parsed(request: bytes):
+    import socket
+
+    from gunicorn.config import Config
+
+    from odin_gw.edge_reader import EdgeParser
+
+    ours, theirs = socket.socketpair()
+    counting = _CountingSocket(ours)
+    u = EdgeUnreader(ours, LIMITS, lambda phase, detail: None)
+    u.sock = counting
+    u.prime(request, time.monotonic() + 5)
+    parser = EdgeParser(Config(), counting, ("127.0.0.1", 1), u)
+    req = next(parser)
+    return parser, req, counting, (ours, theirs)
+
+
+def test_a_body_read_to_its_end_needs_no_drain():
+    parser, _req, counting, socks = _parsed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        assert parser.finish_body(deadline=time.monotonic() + 1) is True
+        assert counting.timeouts == 0  # no settimeout pair: nothing to drain
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_an_unread_body_is_still_drained_by_gunicorn():
+    parser, req, counting, socks = _parsed(
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+    )
+    try:
+        assert parser.finish_body(deadline=time.monotonic() + 1) is True
+        assert counting.timeouts >= 2  # gunicorn drains: timeouts set, then restored
+        assert req.body.read() == b""  # drained
+    finally:
+        for s in socks:
+            s.close()
