@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import consul
 import requests
+import yarl
 from consul import base as consul_base
 from consul.callback import CB
 from requests.adapters import HTTPAdapter
@@ -640,6 +641,8 @@ class ConsulClient:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.timeout),
             auto_decompress=False,
             skip_auto_headers=("Accept-Encoding",),
+            # Consul sets no cookies: skip the jar's work on every answer.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def _aget(
@@ -658,7 +661,9 @@ class ConsulClient:
             headers["X-Consul-Token"] = token
 
         async def call() -> consul_base.Response:
-            async with session.get(http.uri(path, params), headers=headers) as answer:
+            # py-consul's URL is already percent-encoded: yarl need not parse it again.
+            url = yarl.URL(http.uri(path, params), encoded=True)
+            async with session.get(url, headers=headers) as answer:
                 body = await answer.text(encoding="utf-8", errors="replace")
                 return consul_base.Response(answer.status, answer.headers, body)
 
