@@ -27,7 +27,7 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(PY) -m pytest tests/integration
 
-## bench: gateway vs a minimal proxy floor, both in front of nginx (BENCH_ARGS="--mesh istio": Istio sidecar mode)
+## bench: gateway vs a minimal proxy floor, both in front of nginx (BENCH_ARGS="--mesh istio" adds an Istio sidecar-mode gateway)
 bench: $(STAMP)
 	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || \
 		(apt-get update -qq && apt-get install -y -qq nginx wrk >/dev/null)

@@ -488,16 +488,17 @@ def throughput_scenario(args: argparse.Namespace, tmp: Path, cleanup: list[Child
 
     starters = {
         "floor": lambda: start_floor(tmp, nginx_port),
-        "gateway": lambda: start_gateway(
-            tmp, "gateway", "bench", "/bench", nginx_port, sized=True, mesh=args.mesh
+        "gateway": lambda: start_gateway(tmp, "gateway", "bench", "/bench", nginx_port, sized=True),
+        "istio": lambda: start_gateway(
+            tmp, "istio", "bench", "/bench", nginx_port, sized=True, mesh="istio"
         ),
     }
     # Both proxies stay up (idle between turns) and are measured in alternating rounds;
     # the median of the rounds is reported. A shared 2-core VM drifts over a minute, and
     # back-to-back blocks would charge that drift to whichever target ran second.
     running: dict[str, int] = {}
-    for target in ("floor", "gateway"):
-        if target not in args.targets:
+    for target in ("floor", "gateway", "istio"):
+        if target not in args.targets and not (target == "istio" and args.mesh == "istio"):
             continue
         child, port = starters[target]()
         cleanup.append(child)
@@ -622,6 +623,22 @@ def print_report(results: list[Result]) -> None:
     if p99 is not None:
         verdict = "ok" if p99 <= GOAL_P99 else "ABOVE GOAL"
         print(f"gateway/floor p99 @8 conns = {p99:.2f} (goal <= {GOAL_P99:.2f}) {verdict}")
+    # --mesh istio: the Istio sidecar-mode gateway, measured in the same rounds.
+    for attr, conns, goal, better in (
+        ("rps", 8, GOAL_THROUGHPUT, "ge"),
+        ("p50_ms", 1, GOAL_P50, "le"),
+        ("p99_ms", 8, GOAL_P99, "le"),
+    ):
+        value = ratio("istio", "floor", conns, attr)
+        if value is None:
+            continue
+        good = value >= goal if better == "ge" else value <= goal
+        name = {"rps": "throughput", "p50_ms": "p50", "p99_ms": "p99"}[attr]
+        sign = ">=" if better == "ge" else "<="
+        print(
+            f"istio/floor {name} @{conns} conn{'s' if conns > 1 else ''} = {value:.2f} "
+            f"(goal {sign} {goal:.2f}) {'ok' if good else 'MISSED'}"
+        )
     if ("nginx", 8) in by:
         for conns in (8, 1):
             r = by.get(("nginx", conns))
@@ -657,7 +674,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--mesh",
         choices=("none", "istio"),
         default="none",
-        help="the gateway's serviceMesh: none, or istio (sidecar mode, headers and metrics on)",
+        help="istio: also measure a gateway in Istio sidecar mode (trace headers and istio_*"
+        " metrics on) in the same rounds, against the same floor",
     )
     p.add_argument("--duration", type=float, default=5.0, help="seconds per measured run (5)")
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before each run (1)")
@@ -735,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
         f"load generator: {loadgen}; {args.warmup:g} s warm-up + {args.duration:g} s per run"
     )
     if args.run_throughput:
-        print(f"targets: {', '.join(args.targets)}  (path {PATH}; gateway mesh {args.mesh})")
+        extra = " + istio (sidecar mode)" if args.mesh == "istio" else ""
+        print(f"targets: {', '.join(args.targets)}{extra}  (path {PATH})")
 
     cleanup: list[Child] = []
     tmp = Path(tempfile.mkdtemp(prefix="odin-bench-"))

@@ -103,3 +103,13 @@ def test_identity_alternatives_accept_any_listed_one():
         check_identity((WEB,), None, None, (a, b))
     with pytest.raises(PeerIdentityError):  # the exact identity wins over the alternatives
         check_identity((b,), a, None, (a, b))
+
+
+def test_peer_uris_of_a_certificate_without_sans():
+    assert peer_uris({"subject": ()}) == ()
+    assert peer_uris(None) == ()
+    assert peer_uris({"subjectAltName": (("DNS", "a"), ("URI", WEB))}) == (WEB,)
+    err = PeerIdentityError(WEB, ())
+    assert str(err).endswith(f"expected {WEB}, peer presented no SPIFFE ID")
+    two = PeerIdentityError(WEB, ("spiffe://a/x", "spiffe://a/y"))
+    assert "peer presented spiffe://a/x, spiffe://a/y" in str(two)

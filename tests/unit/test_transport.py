@@ -535,3 +535,52 @@ def test_a_peer_refusing_our_certificate_after_the_handshake_is_a_connect_failur
             assert isinstance(info.value.__cause__, ssl.SSLError)
     finally:
         session.close()
+
+
+def _refused(session, endpoint) -> PeerIdentityError:
+    with pytest.raises(ConnectFailed) as info:
+        exchange(session, endpoint)
+    cause = info.value.__cause__
+    assert isinstance(cause, PeerIdentityError), cause
+    return cause
+
+
+def test_mesh_peer_with_another_exact_identity_is_refused_before_sending(pki):
+    mesh, _public, material, _public_ca, server = pki
+    session = UpstreamSession(pool_size=2, material=material)
+    web, db = (consul_service_uri(mesh.trust_domain, n) for n in ("web", "db"))
+    try:
+        with RawUpstream([Reply(ok())], tls=server(mesh, "db", uri=db)) as up:
+            cause = _refused(session, Endpoint("127.0.0.1", up.port, scheme="https", identity=web))
+            assert (cause.expected, cause.presented) == (web, (db,))
+            assert f"expected {web}, peer presented {db}" in str(cause)
+            assert all(c.requests == [] for c in up.connections)
+    finally:
+        session.close()
+
+
+def test_listed_identities_are_checked_without_a_trust_domain(pki):
+    mesh, _public, material, _public_ca, server = pki
+    bare = TlsMaterial(material.cert_pem, material.key_pem, material.ca_pem, source="test")
+    session = UpstreamSession(pool_size=2, material=bare)  # no trustDomain configured
+    web, db = (consul_service_uri(mesh.trust_domain, n) for n in ("web", "db"))
+    try:
+        with RawUpstream([Reply(ok())], tls=server(mesh, "db2", uri=db)) as up:
+            endpoint = Endpoint("127.0.0.1", up.port, scheme="https", identities=(web,))
+            cause = _refused(session, endpoint)
+            assert (cause.expected, cause.presented) == (web, (db,))
+    finally:
+        session.close()
+
+
+def test_a_peer_outside_the_trust_domain_is_refused(pki):
+    mesh, _public, material, _public_ca, server = pki
+    session = UpstreamSession(pool_size=2, material=material)  # trustDomain of the mesh CA
+    stranger = "spiffe://other.example/ns/default/sa/web"
+    try:
+        with RawUpstream([Reply(ok())], tls=server(mesh, "st", uri=stranger)) as up:
+            cause = _refused(session, Endpoint("127.0.0.1", up.port, scheme="https"))
+            assert cause.expected == f"an identity in spiffe://{mesh.trust_domain}/"
+            assert cause.presented == (stranger,)
+    finally:
+        session.close()
