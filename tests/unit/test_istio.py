@@ -120,3 +120,35 @@ def test_stamps_only_grow():
     c = client()
     stamps = [c._stamp() for _ in range(5)]
     assert stamps == sorted(set(stamps))
+
+
+def test_every_asked_service_is_mapped_whatever_comes_first():
+    c = client(
+        mtls=False,
+        services="{name: web, basePath: /web, port: 8080}\n - {name: api, basePath: /api}",
+    )
+    api = "outbound|80||api.shop.svc.cluster.local"
+    cluster = XdsCluster(api, None, (), ())
+    only_api = XdsState({api: cluster}, {api: (ep(81, tls_mode=None),)}, {})
+    # Unknown names, absent services and known ones in any order: each is decided.
+    found = c._discovery(["nope", "web", "api"], only_api, 5)
+    assert found.absent == frozenset({"web"})
+    (e,) = found.services["api"].endpoints
+    assert (e.address, e.port, e.scheme, e.weight) == ("10.1.0.1", 81, "http", 1)
+    assert e.host_header == "api.shop.svc.cluster.local"  # port 80: no port in Host
+    assert found.services["api"].source == "istio" and found.services["api"].name == "api"
+    assert found.catalog == ("api.shop.svc.cluster.local",)
+
+
+def test_the_trust_domain_defaults_to_cluster_local():
+    cfg = parse_config(
+        "serviceMesh: {enabled: true, type: istio, namespace: shop, certFile: c, keyFile: k,\n"
+        "  caFile: r, istio: {injectSidecar: false}}\n"
+        "services:\n - {name: web, basePath: /web, port: 8080, identity: web}\n",
+        env={},
+    )
+    c = IstioClient(cfg, environ={"POD_NAME": "gw-1", "INSTANCE_IP": "10.0.0.9"})
+    assert c.pilot_addr == "istiod.istio-system.svc:15012"
+    (e,) = c._discovery(["web"], state(ep()), 1).services["web"].endpoints
+    assert e.identity == "spiffe://cluster.local/ns/shop/sa/web"
+    assert c.describe()["node"]["id"].startswith("router~10.0.0.9~gw-1.shop~")
