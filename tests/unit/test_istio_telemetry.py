@@ -90,7 +90,9 @@ def families(registry) -> dict:
 
 def test_names_types_and_labels_are_istios():
     registry = CollectorRegistry()
-    telemetry(registry).observe(exchange(sent=7), 0.012, {"CONTENT_LENGTH": "5"})
+    tel = telemetry(registry)
+    tel.observe(exchange(sent=7), 0.012, {"CONTENT_LENGTH": "5"})
+    tel.flush()
     found = families(registry)
     # The parser drops a counter's _total; the exposition says istio_requests_total.
     assert found["istio_requests"].type == "counter"
@@ -141,7 +143,9 @@ def test_source_side_values():
 def test_buckets_are_envoys_defaults_in_ms_and_bytes():
     assert list(BUCKETS) == ENVOY_DEFAULT_BUCKETS
     registry = CollectorRegistry()
-    telemetry(registry).observe(exchange(sent=300), 0.0123, {"CONTENT_LENGTH": "20"})
+    tel = telemetry(registry)
+    tel.observe(exchange(sent=300), 0.0123, {"CONTENT_LENGTH": "20"})
+    tel.flush()
     found = families(registry)
     for name, value in (
         ("istio_request_duration_milliseconds", 12.3),
@@ -237,6 +241,7 @@ def test_request_bytes_from_content_length():
     for length in ("100", None, "", "12x", "-5"):
         env = {} if length is None else {"CONTENT_LENGTH": length}
         tel.observe(exchange(), 0.001, env)
+    tel.flush()
     samples = families(registry)["istio_request_bytes"].samples
     assert next(s.value for s in samples if s.name.endswith("_sum")) == 100
     assert next(s.value for s in samples if s.name.endswith("_count")) == 5
@@ -342,3 +347,27 @@ def test_on_through_the_app():
         assert "istio_requests_total{" in gateway.metrics.render()[0].decode()
     finally:
         app.extensions["odin"].stop()
+
+
+def test_observations_reach_the_metrics_within_a_flush_interval():
+    """Request threads only queue (no prometheus lock per request); the flusher writes."""
+    import time
+
+    from odin_gw.istio_telemetry import FLUSH_INTERVAL
+
+    registry = CollectorRegistry()
+    tel = telemetry(registry)
+
+    def total() -> float:
+        samples = families(registry)["istio_requests"].samples
+        return sum(s.value for s in samples if s.name == "istio_requests_total")
+
+    for _ in range(3):
+        tel.observe(exchange(), 0.001, {})
+    assert len(tel._pending) <= 3
+    deadline = time.monotonic() + 20 * FLUSH_INTERVAL
+    while total() < 3 and time.monotonic() < deadline:
+        time.sleep(FLUSH_INTERVAL / 5)
+    assert total() == 3 and not tel._pending
+    tel.flush()  # nothing left: a second drain changes nothing
+    assert total() == 3
