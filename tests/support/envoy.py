@@ -88,7 +88,70 @@ def _leaf_serial(cert_pem: str) -> int:
     return x509.load_pem_x509_certificate(cert_pem.encode("ascii")).serial_number
 
 
-class EnvoySidecar:
+class EnvoyProcess:
+    """What every Envoy the tests run shares: its admin interface, its log, and a stop
+    that ends the whole process group and removes a temporary workdir. Subclasses set
+    ``proc``, ``workdir``, ``admin_port``, ``_logfile``, ``_final_log`` and
+    ``_own_workdir`` (the workdir is temporary) and write ``<workdir>/envoy.log``."""
+
+    proc: subprocess.Popen[bytes] | None
+    workdir: Path | None
+    admin_port: int | None
+    _logfile: object
+    _final_log: str | None
+    _own_workdir: bool
+
+    def admin_get(self, path: str, timeout: float = 2.0) -> tuple[int, str]:
+        """GET ``path`` on the admin interface; returns (status, body)."""
+        if self.admin_port is None:
+            raise RuntimeError("admin port not known yet")
+        conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=timeout)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode("utf-8", "replace")
+        finally:
+            conn.close()
+
+    def stop(self, timeout: float = 10) -> None:
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL. Safe to call twice."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+        if self._logfile is not None:
+            self._logfile.close()
+            self._logfile = None
+        if self._own_workdir and self.workdir is not None and self.workdir.exists():
+            self._final_log = self.log()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- logs -------------------------------------------------------------------------
+    def log(self) -> str:
+        """Envoy's log (``<workdir>/envoy.log``); kept in memory once a temp workdir is gone."""
+        if self._final_log is not None:
+            return self._final_log
+        if self.workdir is None:
+            return ""
+        try:
+            return (self.workdir / "envoy.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class EnvoySidecar(EnvoyProcess):
     """``with EnvoySidecar("web", cert_pem=..., key_pem=..., ca_pem=..., backend_port=p)``.
 
     ``port=0`` lets Envoy bind an ephemeral port; ``.port`` / ``.url`` are known after
@@ -280,18 +343,6 @@ class EnvoySidecar:
         }
 
     # -- admin ------------------------------------------------------------------------
-    def admin_get(self, path: str, timeout: float = 2.0) -> tuple[int, str]:
-        """GET ``path`` on the admin interface; returns (status, body)."""
-        if self.admin_port is None:
-            raise RuntimeError("admin port not known yet")
-        conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=timeout)
-        try:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            return resp.status, resp.read().decode("utf-8", "replace")
-        finally:
-            conn.close()
-
     def served_serials(self) -> list[int]:
         """Serial numbers of the certificates Envoy presents now (admin ``/certs``)."""
         status, body = self.admin_get("/certs")
@@ -441,45 +492,8 @@ class EnvoySidecar:
             f"within {timeout}s:\n{self.log_tail()}"
         )
 
-    def stop(self, timeout: float = 10) -> None:
-        """SIGTERM, wait up to ``timeout`` s, then SIGKILL. Safe to call twice."""
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
-        if self._logfile is not None:
-            self._logfile.close()
-            self._logfile = None
-        if self._own_workdir and self.workdir is not None and self.workdir.exists():
-            self._final_log = self.log()
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    # -- logs -------------------------------------------------------------------------
-    def log(self) -> str:
-        """Envoy's log (``<workdir>/envoy.log``); kept in memory once a temp workdir is gone."""
-        if self._final_log is not None:
-            return self._final_log
-        if self.workdir is None:
-            return ""
-        try:
-            return self._path("envoy.log").read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
-
     def __enter__(self) -> EnvoySidecar:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"EnvoySidecar({self.name!r}, port={self.port}, backend_port={self.backend_port})"

@@ -28,8 +28,6 @@ import contextlib
 import http.client
 import json
 import os
-import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -39,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from tests.support.envoy import envoy_binary
+from tests.support.envoy import EnvoyProcess, envoy_binary
 
 __all__ = ["GATEWAY_NODE_ID", "EnvoyAdsProxy", "wait_for"]
 
@@ -67,7 +65,7 @@ def _address(xds_address: str) -> dict:
     return {"socket_address": {"address": host, "port_value": int(port)}}
 
 
-class EnvoyAdsProxy:
+class EnvoyAdsProxy(EnvoyProcess):
     """``with EnvoyAdsProxy(istiod.address) as envoy: envoy.clusters()``."""
 
     def __init__(
@@ -88,6 +86,7 @@ class EnvoyAdsProxy:
         self.ca_pem = ca_pem
         self.token = token
         self._workdir_arg = workdir
+        self._own_workdir = workdir is None
         self.workdir: Path | None = None
         self.admin_port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -235,44 +234,10 @@ class EnvoyAdsProxy:
             return False
         return status == 200 and body.strip() == "LIVE"
 
-    def stop(self, timeout: float = 5) -> None:
-        """SIGTERM the process group, SIGKILL after ``timeout`` s; remove a temp workdir."""
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
-        if self._logfile is not None:
-            self._logfile.close()
-            self._logfile = None
-        if self._workdir_arg is None and self.workdir is not None and self.workdir.exists():
-            self._final_log = self.log()
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
     def __enter__(self) -> EnvoyAdsProxy:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     # -- admin ------------------------------------------------------------------------
-    def admin_get(self, path: str, timeout: float = 2.0) -> tuple[int, str]:
-        """GET ``path`` on the admin interface; returns (status, body)."""
-        if self.admin_port is None:
-            raise RuntimeError("admin port not known yet")
-        conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=timeout)
-        try:
-            conn.request("GET", path)
-            resp = conn.getresponse()
-            return resp.status, resp.read().decode("utf-8", "replace")
-        finally:
-            conn.close()
-
     def hosts(self) -> dict[str, list[dict]]:
         """Cluster name -> its hosts from ``/clusters?format=json``.
 
@@ -324,19 +289,3 @@ class EnvoyAdsProxy:
         if status != 200:
             raise RuntimeError(f"envoy admin {path} answered {status}: {body[:200]}")
         return json.loads(body)
-
-    # -- logs -------------------------------------------------------------------------
-    def log(self) -> str:
-        """Envoy's log; kept in memory once a temporary workdir is removed."""
-        if self._final_log is not None:
-            return self._final_log
-        if self.workdir is None:
-            return ""
-        try:
-            return (self.workdir / "envoy.log").read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The last ``lines`` lines of the log."""
-        return "\n".join(self.log().splitlines()[-lines:])
