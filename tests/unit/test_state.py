@@ -456,3 +456,41 @@ def test_a_stuck_discovery_is_reported_before_the_takeover(tmp_path):
         os.close(guard)
     a.stop()
     b.stop()
+
+
+def test_tls_material_round_trips_through_the_state_dir_whole(tmp_path):
+    """Followers use what the leader shared: the trust domain (the identity check) and
+    the ALPN (Istio's sidecars choose their mTLS chain by it) must survive the trip."""
+    ca = CertificateAuthority()
+    leaf = ca.issue(uri=consul_service_uri(ca.trust_domain, "odin-gateway"))
+    material = TlsMaterial(
+        leaf.cert_pem,
+        leaf.key_pem,
+        ca.cert_pem,
+        source="consul-connect",
+        trust_domain=ca.trust_domain,
+        alpn=("istio-http/1.1",),
+    )
+    state = StateDir(str(tmp_path / "s"))
+    state.ensure()
+    state.write_tls(material)
+    back = state.read_tls()
+    assert back.version == material.version and back.source == "consul-connect"
+    assert back.trust_domain == ca.trust_domain and back.alpn == ("istio-http/1.1",)
+    assert os.stat(state.tls_path).st_mode & 0o777 == 0o600
+
+
+def test_tls_and_heartbeat_files_are_read_without_following_symlinks(tmp_path):
+    ca = CertificateAuthority()
+    leaf = ca.issue(uri=consul_service_uri(ca.trust_domain, "odin-gateway"))
+    theirs = StateDir(str(tmp_path / "theirs"))
+    theirs.ensure()
+    theirs.write_tls(TlsMaterial(leaf.cert_pem, leaf.key_pem, ca.cert_pem, source="x"))
+    ours = StateDir(str(tmp_path / "ours"))
+    ours.ensure()
+    os.symlink(theirs.tls_path, ours.tls_path)  # someone else's material, by a link
+    with pytest.raises(OSError):
+        ours.read_tls()
+    (tmp_path / "beat.json").write_text('{"pid": 1, "mono": 1.0}')
+    os.symlink(tmp_path / "beat.json", ours.lock_path_for(0))
+    assert ours.heartbeat(0) is None  # a linked heartbeat is not believed
