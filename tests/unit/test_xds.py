@@ -708,3 +708,49 @@ def test_backoff_grows_and_stays_within_jitter_and_cap():
         assert policy.delay(failures, lambda: 1.0) == 30.0
         assert 24.0 <= policy.delay(failures) <= 30.0
     assert 0.8 <= policy.delay(-1) <= 1.2
+
+
+def test_a_destination_rules_own_tls_socket_and_plain_validation_context_give_sans():
+    """ISTIO_MUTUAL set by a DestinationRule: the cluster's own transport socket, its
+    SANs in a plain validation_context (not the combined one) - still the accepted IDs."""
+    name = cluster_name(WEB, 80)
+    context = tls_pb2.UpstreamTlsContext(
+        sni="web.example",
+        common_tls_context=tls_pb2.CommonTlsContext(
+            validation_context=common_pb2.CertificateValidationContext(
+                match_subject_alt_names=[
+                    string_pb2.StringMatcher(exact=SAN_WEB),
+                    string_pb2.StringMatcher(prefix="spiffe://cluster.local/ns/web/"),
+                    string_pb2.StringMatcher(suffix="/sa/ignored"),  # not expressible here
+                ]
+            )
+        ),
+    )
+    cluster = cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.EDS,
+        transport_socket=tls_socket(context),
+        # A match that is not Istio's (no criteria, another name) is not the mTLS one.
+        transport_socket_matches=[
+            cluster_pb2.Cluster.TransportSocketMatch(
+                name="other", match=struct({}), transport_socket=raw_socket()
+            )
+        ],
+    )
+    clusters, _ = decode_clusters(cds(cluster), {name})
+    got = clusters[name]
+    assert got.sni == "web.example"
+    assert got.sans == (SAN_WEB, "spiffe://cluster.local/ns/web/")
+
+
+def test_the_istio_match_wins_over_the_clusters_own_socket():
+    cluster = auto_mtls_cluster(WEB, 80)
+    cluster.transport_socket.CopyFrom(tls_socket(tls_context("other-sni", sans=("spiffe://x/y",))))
+    clusters, _ = decode_clusters(cds(cluster), {WEB_80})
+    assert clusters[WEB_80].sni == f"outbound_.80_._.{WEB}"
+    assert clusters[WEB_80].sans == (SAN_WEB,)
+
+
+def test_port_one_is_a_port():
+    (ep,) = decode_endpoints(eds(assignment(WEB_80, lb_endpoint(port=1))), {WEB_80})[WEB_80]
+    assert ep.port == 1
