@@ -91,15 +91,18 @@ def _leaf_serial(cert_pem: str) -> int:
 class EnvoyProcess:
     """What every Envoy the tests run shares: its admin interface, its log, and a stop
     that ends the whole process group and removes a temporary workdir. Subclasses set
-    ``proc``, ``workdir``, ``admin_port``, ``_logfile``, ``_final_log`` and
-    ``_own_workdir`` (the workdir is temporary) and write ``<workdir>/envoy.log``."""
+    ``proc``, ``workdir``, ``admin_port`` and ``_logfile`` as they run, and write
+    ``<workdir>/envoy.log``."""
 
-    proc: subprocess.Popen[bytes] | None
-    workdir: Path | None
-    admin_port: int | None
-    _logfile: object
-    _final_log: str | None
-    _own_workdir: bool
+    def __init__(self, workdir: str | os.PathLike[str] | None) -> None:
+        """``workdir``: where the bootstrap and log go; ``None``: a temporary one."""
+        self._workdir_arg = workdir
+        self._own_workdir = workdir is None
+        self.workdir: Path | None = None
+        self.admin_port: int | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._logfile = None
+        self._final_log: str | None = None
 
     def admin_get(self, path: str, timeout: float = 2.0) -> tuple[int, str]:
         """GET ``path`` on the admin interface; returns (status, body)."""
@@ -174,6 +177,7 @@ class EnvoySidecar(EnvoyProcess):
         allowed_client_spiffe_prefix: str | None = None,
         workdir: str | os.PathLike[str] | None = None,
     ) -> None:
+        super().__init__(workdir)
         self.name = name
         self.cert_pem = cert_pem
         self.key_pem = key_pem
@@ -181,14 +185,7 @@ class EnvoySidecar(EnvoyProcess):
         self.backend_port = backend_port
         self.allowed_client_spiffe_prefix = allowed_client_spiffe_prefix
         self._requested_port = port
-        self._own_workdir = workdir is None
-        self._workdir_arg = workdir
-        self.workdir: Path | None = None
         self.port: int | None = port or None
-        self.admin_port: int | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._logfile = None
-        self._final_log: str | None = None
 
     # -- paths ------------------------------------------------------------------------
     def _path(self, *parts: str) -> Path:

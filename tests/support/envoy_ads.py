@@ -79,19 +79,13 @@ class EnvoyAdsProxy(EnvoyProcess):
         token: str | None = None,
         workdir: str | os.PathLike[str] | None = None,
     ) -> None:
+        super().__init__(workdir)
         self.xds_address = xds_address
         self.node_id = node_id
         self.namespace = namespace
         self.service_account = service_account
         self.ca_pem = ca_pem
         self.token = token
-        self._workdir_arg = workdir
-        self._own_workdir = workdir is None
-        self.workdir: Path | None = None
-        self.admin_port: int | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._logfile: Any = None
-        self._final_log: str | None = None
 
     # -- configuration ----------------------------------------------------------------
     def _control_plane_cluster(self, name: str) -> dict:
