@@ -63,6 +63,10 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    # Consul (Go's net/http) listens with the kernel's somaxconn backlog; socketserver's
+    # default of 5 drops SYNs when many watches connect at once, and each drop costs the
+    # client a 1 s, then 2 s, 4 s... retransmission that real Consul would not cause.
+    request_queue_size = 4096
 
     def __init__(self, address: tuple[str, int], double: ConsulDouble) -> None:
         self.double = double

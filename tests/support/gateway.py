@@ -170,16 +170,26 @@ class GatewayProcess:
 
 def one_session_per_worker(gw: GatewayProcess, workers: int = 2) -> dict[int, requests.Session]:
     """A kept-alive session per worker pid: a connection stays with the worker that
-    accepted it (bounded search for connections taken by different workers)."""
+    accepted it.
+
+    The kernel does not spread connections over the workers that share a listening
+    socket in any promised way (under load one worker can take them all), so the other
+    workers are stopped (SIGSTOP) while each session connects: only the chosen one can
+    accept. They are continued at once, well inside gunicorn's worker timeout.
+    """
+    pids = gw.worker_pids()
+    assert len(pids) == workers, f"expected {workers} workers, found {pids}"
     sessions: dict[int, requests.Session] = {}
-    for _ in range(50):
+    for pid in pids:
+        others = [p for p in pids if p != pid]
         session = requests.Session()
-        pid = session.get(gw.url + "/health", timeout=5).json()["pid"]
-        if pid in sessions:
-            session.close()
-        else:
-            sessions[pid] = session
-        if len(sessions) == workers:
-            break
-    assert len(sessions) == workers, "no connection reached every worker"
+        for other in others:
+            os.kill(other, signal.SIGSTOP)
+        try:
+            answered = session.get(gw.url + "/health", timeout=10).json()["pid"]
+        finally:
+            for other in others:
+                os.kill(other, signal.SIGCONT)
+        assert answered == pid, f"worker {pid} was the only one accepting, {answered} answered"
+        sessions[pid] = session
     return sessions
