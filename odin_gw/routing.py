@@ -132,13 +132,16 @@ def istio_sidecar_endpoint(svc: ServiceConfig, gateway: GatewayConfig) -> Endpoi
     ``targets``: they are used as written, and the sidecar intercepts those as well).
 
     ``<meshService>.<namespace>.svc.cluster.local:<port>`` (namespace
-    ``serviceMesh.namespace``, port ``services[].port`` else 80), plain HTTP, with that
+    ``services[].namespace`` else ``serviceMesh.namespace``, port ``services[].port``
+    else 80), plain HTTP, with that
     authority as ``Host``: the sidecar picks the route by it.
     """
     if svc.targets:
         return None
-    host = f"{svc.mesh_service or svc.name}.{gateway.service_mesh.namespace}.svc.cluster.local"
-    return Endpoint(address=host, port=svc.port or 80, scheme="http")
+    from .mesh.cluster_names import cluster_service
+
+    cs = cluster_service(svc, gateway)
+    return Endpoint(address=cs.host, port=cs.port, scheme="http")
 
 
 def _authority(url: str) -> str:

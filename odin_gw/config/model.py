@@ -89,6 +89,9 @@ class ServiceConfig:
     # <meshService>.virtual.consul:<port> (``port``: None means the first target's, or 80).
     upstream: tuple[str, int] | None = None
     port: int | None = None
+    #: Linkerd / Kubernetes discovery: the service's namespace (default
+    #: ``serviceMesh.namespace``).
+    namespace: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,9 @@ class IstioConfig:
     authz_addr: str | None = None
     authz_timeout: float = 1.0
     authz_fail_open: bool = False
+    #: Direct mode: endpoints from istiod over ADS (``xds``) or from Kubernetes
+    #: EndpointSlices (``kubernetes``).
+    discovery: str = "xds"
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,12 @@ class LinkerdConfig:
     control_plane_addr: str | None = None
     tap_addr: str | None = None
     enable_tap: bool = False
+    #: Where ServiceProfiles live (``None``: the service's own namespace, as Linkerd).
     profile_namespace: str | None = None
+    #: Send the Linkerd 1 context headers (l5d-reqid, l5d-ctx-deadline, l5d-ctx-trace).
+    legacy_headers: bool = True
+    #: Live taps (``/admin/tap`` streams) open at once, over all workers.
+    max_taps: int = 4
 
 
 @dataclass(frozen=True)
@@ -164,6 +175,8 @@ class MeshConfig:
     ca_file: str | None = None
     state_dir: str | None = None
     ready_grace_period: float = 10.0
+    #: A kubeconfig file for the Kubernetes API outside a cluster (else ``KUBECONFIG``).
+    kubeconfig: str | None = None
     istio: IstioConfig = field(default_factory=IstioConfig)
     linkerd: LinkerdConfig = field(default_factory=LinkerdConfig)
     consul: ConsulConfig = field(default_factory=ConsulConfig)
@@ -177,6 +190,14 @@ class MeshConfig:
     def istio_direct(self) -> bool:
         """Istio with ``injectSidecar: false``: the gateway itself is the mesh client."""
         return self.kind == "istio" and not self.istio.inject_sidecar
+
+    @property
+    def uses_kubernetes(self) -> bool:
+        """Whether discovery reads the Kubernetes API (Linkerd; Istio with
+        ``istio.discovery: kubernetes`` in direct mode)."""
+        if self.kind == "linkerd":
+            return True
+        return self.istio_direct and self.istio.discovery == "kubernetes"
 
     @property
     def uses_cert_files(self) -> bool:
@@ -196,6 +217,8 @@ class MeshConfig:
         Consul ``connectMode: sidecar``): certificate files, if given, are not used."""
         if self.kind == "istio":
             return self.istio.inject_sidecar
+        if self.kind == "linkerd":
+            return True  # ingress mode: the Linkerd proxy originates mTLS
         return self.kind == "consul" and self.consul.sidecar
 
 

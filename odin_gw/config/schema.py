@@ -24,6 +24,12 @@ MESH_TYPES = ("istio", "linkerd", "consul", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 CONNECT_MODES = ("native", "sidecar")
 PILOT_TLS = ("auto", "true", "false")
+ISTIO_DISCOVERY = ("xds", "kubernetes")
+# RFC 1123 label: what Kubernetes allows as a namespace name.
+NAMESPACE = validate.Regexp(
+    r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z",
+    error="must be a Kubernetes namespace name (lower-case letters, digits, '-'; at most 63)",
+)
 
 
 class Duration(fields.Field):
@@ -270,8 +276,11 @@ class ServiceSchema(Section):
     # consul.connectMode sidecar only (checked in GatewaySchema.check_services).
     upstream = Upstream(load_default=None, allow_none=True)
     port = fields.Integer(load_default=None, allow_none=True, validate=validate.Range(1, 65535))
-    # Istio direct mode: the service account of the service's instances.
+    # Istio direct mode: the service account of the service's instances; Linkerd: the
+    # proxy identity to require (l5d-require-id), or a service account name.
     identity = fields.String(load_default=None, allow_none=True, validate=SERVICE_NAME)
+    # Linkerd / Kubernetes discovery: the service's namespace.
+    namespace = fields.String(load_default=None, allow_none=True, validate=NAMESPACE)
 
     @validates_schema
     def check(self, data, **kwargs):
@@ -328,6 +337,7 @@ class IstioSchema(Section):
     authz_addr = fields.String(data_key="authzAddr", load_default=None, allow_none=True)
     authz_timeout = Duration(data_key="authzTimeout", load_default=1.0)
     authz_fail_open = fields.Boolean(data_key="authzFailOpen", load_default=False)
+    discovery = fields.String(load_default="xds", validate=validate.OneOf(ISTIO_DISCOVERY))
 
     @validates_schema
     def check(self, data, **kwargs):
@@ -370,8 +380,10 @@ class LinkerdSchema(Section):
     tap_addr = fields.String(data_key="tapAddr", load_default=None, allow_none=True)
     enable_tap = fields.Boolean(data_key="enableTap", load_default=False)
     profile_namespace = fields.String(
-        data_key="profileNamespace", load_default=None, allow_none=True
+        data_key="profileNamespace", load_default=None, allow_none=True, validate=NAMESPACE
     )
+    legacy_headers = fields.Boolean(data_key="legacyHeaders", load_default=True)
+    max_taps = fields.Integer(data_key="maxTaps", load_default=4, validate=validate.Range(1, 64))
 
     @post_load
     def build(self, data, **kwargs):
@@ -450,6 +462,7 @@ class MeshSchema(Section):
     ca_file = fields.String(data_key="caFile", load_default=None, allow_none=True)
     state_dir = fields.String(data_key="stateDir", load_default=None, allow_none=True)
     ready_grace_period = Duration(data_key="readyGracePeriod", load_default=10.0, positive=False)
+    kubeconfig = fields.String(load_default=None, allow_none=True)
     istio = fields.Nested(IstioSchema, load_default=model.IstioConfig)
     linkerd = fields.Nested(LinkerdSchema, load_default=model.LinkerdConfig)
     consul = fields.Nested(ConsulSchema, load_default=model.ConsulConfig)
@@ -457,6 +470,12 @@ class MeshSchema(Section):
     @validates_schema
     def check(self, data, **kwargs):
         istio = data.get("istio", model.IstioConfig())
+        if data.get("type") == "istio" and istio.inject_sidecar and istio.discovery != "xds":
+            raise ValidationError(
+                "istio.discovery applies to injectSidecar: false (direct mode); with a "
+                "sidecar, the sidecar discovers",
+                "istio",
+            )
         if data.get("enabled") and data.get("type") == "istio" and not istio.inject_sidecar:
             missing = [k for k, a in _TLS_FILES.items() if not data.get(a)]
             if missing:
@@ -475,6 +494,8 @@ class MeshSchema(Section):
             return  # the gateway's own sidecar does mTLS
         if data.get("type") == "istio" and data.get("istio", model.IstioConfig()).inject_sidecar:
             return  # the sidecar does mTLS
+        if data.get("type") == "linkerd":
+            return  # ingress mode: the Linkerd proxy does mTLS (files, if given, unused)
         missing = [k for k, a in _TLS_FILES.items() if not data.get(a)]
         if missing:
             raise ValidationError(
@@ -531,12 +552,14 @@ class GatewaySchema(Section):
         names: dict[str, int] = {}
         bases: dict[str, int] = {}
         upstreams: dict[tuple[str, int], tuple[int, object]] = {}
+        namespaces: dict[str, tuple[int, str]] = {}
         sidecar = mesh.kind == "consul" and mesh.consul.sidecar
         for i, entry in enumerate(given):
             if not isinstance(entry, dict):
                 continue
             istio = mesh.kind == "istio"
             istio_direct = istio and not mesh.istio.inject_sidecar
+            linkerd = mesh.kind == "linkerd"
             for key, allowed, where in (
                 (
                     "upstream",
@@ -545,15 +568,22 @@ class GatewaySchema(Section):
                 ),
                 (
                     "port",
-                    sidecar or istio,
+                    sidecar or istio or linkerd,
                     "serviceMesh.consul.connectMode: sidecar or "
-                    "serviceMesh.type: istio (the port of the mesh service)",
+                    "serviceMesh.type: istio or linkerd (the port of the mesh service)",
                 ),
                 (
                     "identity",
-                    istio_direct,
+                    istio_direct or linkerd,
                     "serviceMesh.type: istio with injectSidecar: false "
-                    "(the service account its instances present)",
+                    "(the service account its instances present) or linkerd "
+                    "(the identity the proxy must require)",
+                ),
+                (
+                    "namespace",
+                    linkerd or istio,
+                    "serviceMesh.type: linkerd or istio (the Kubernetes namespace of the "
+                    "service)",
                 ),
             ):
                 if entry.get(key) is not None and not allowed and mesh_known:
@@ -596,6 +626,20 @@ class GatewaySchema(Section):
                     shadowed.append(
                         f"{metrics} is under services[{i}].basePath {base}; move one of them"
                     )
+            if mesh.kind in ("linkerd", "istio"):
+                # Snapshots key services by mesh service name: one namespace per name.
+                key = entry.get("meshService") or entry.get("name")
+                ns = entry.get("namespace") or mesh.namespace
+                if isinstance(key, str) and isinstance(ns, str):
+                    j, other_ns = namespaces.setdefault(key, (i, ns))
+                    if other_ns != ns:
+                        add(
+                            i,
+                            "namespace",
+                            f"services[{j}] names the mesh service {key} in namespace "
+                            f"{other_ns}; one mesh service name can live in one namespace "
+                            "here (give one of them another meshService)",
+                        )
             if mesh.kind == "none" and not entry.get("targets"):
                 add(i, "targets", "at least one target is needed when serviceMesh is off")
         problems: dict[str, object] = {}

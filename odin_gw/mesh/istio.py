@@ -62,6 +62,7 @@ class MeshService:
     port: int
     cluster: str  # outbound|<port>||<host>
     account: str | None  # services[].identity
+    namespace: str = "default"
 
 
 def mesh_services(config: GatewayConfig) -> dict[str, MeshService]:
@@ -69,15 +70,13 @@ def mesh_services(config: GatewayConfig) -> dict[str, MeshService]:
     service naming a mesh service decides its port and account)."""
     from .xds import cluster_name
 
-    ns = config.service_mesh.namespace
+    from .cluster_names import cluster_services
+
     out: dict[str, MeshService] = {}
-    for svc in config.services:
-        name = svc.mesh_service or svc.name
-        if name in out:
-            continue
-        host = f"{name}.{ns}.svc.cluster.local"
-        port = svc.port or (svc.targets[0].port if svc.targets else 80)
-        out[name] = MeshService(name, host, port, cluster_name(host, port), svc.identity)
+    for name, cs in cluster_services(config).items():
+        out[name] = MeshService(
+            name, cs.host, cs.port, cluster_name(cs.host, cs.port), cs.identity, cs.namespace
+        )
     return out
 
 
@@ -190,7 +189,7 @@ class IstioClient:
         if mtls:
             account = svc.account or ep.service_account
             if account:
-                identity = f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{account}"
+                identity = f"spiffe://{self.trust_domain}/ns/{svc.namespace}/sa/{account}"
             else:
                 identities = tuple(cluster.sans)
             sni = cluster.sni or f"outbound_.{svc.port}_._.{svc.host}"

@@ -44,7 +44,17 @@ def fingerprints(config) -> tuple[str, str]:
             consul.accept_warning,
             consul.connect_mode,
         ]
-    services = sorted({s.mesh_service or s.name for s in config.services})
+    if mesh.kind == "linkerd":
+        origin += [mesh.kubeconfig, mesh.linkerd.profile_namespace]
+    elif mesh.kind == "istio":
+        origin += [mesh.istio.discovery, mesh.istio.pilot_addr, mesh.kubeconfig]
+    # A service's namespace changes what is found for its name.
+    services = sorted(
+        {
+            f"{s.namespace}/{s.mesh_service or s.name}" if s.namespace else s.mesh_service or s.name
+            for s in config.services
+        }
+    )
     o = hashlib.sha256(json.dumps(origin).encode()).hexdigest()[:16]
     f = hashlib.sha256(json.dumps([o, services]).encode()).hexdigest()[:16]
     return o, f
@@ -173,12 +183,19 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class ServiceEndpoints:
-    """Every known instance of one service, and which datacenters to prefer in order."""
+    """Every known instance of one service, and which datacenters to prefer in order.
+
+    ``policy`` is the route policy the mesh publishes for the service, as canonical JSON
+    text (``""``: none): Kubernetes discovery puts the service's Linkerd ServiceProfile
+    and its ``timeout.linkerd.io``/``retry.linkerd.io`` annotations there (see
+    :mod:`odin_gw.mesh.kubernetes`); workers compile it when the snapshot changes.
+    """
 
     name: str
     endpoints: tuple[Endpoint, ...]
     source: str = "static"
     datacenters: tuple[str | None, ...] = ()
+    policy: str = ""
 
     def active(self) -> tuple[tuple[Endpoint, ...], str | None]:
         """The healthy endpoints of the first datacenter that has any, and that datacenter.
@@ -202,6 +219,7 @@ class ServiceEndpoints:
             "source": self.source,
             "datacenters": list(self.datacenters),
             "endpoints": [e.to_dict() for e in self.endpoints],
+            **({"policy": self.policy} if self.policy else {}),
         }
 
     @classmethod
@@ -218,6 +236,7 @@ class ServiceEndpoints:
             source=str(data.get("source", "static")),
             datacenters=tuple(data.get("datacenters") or ()),
             endpoints=tuple(Endpoint.from_dict(e) for e in data.get("endpoints") or ()),
+            policy=_opt_str(data.get("policy"), "service policy") or "",
         )
 
 

@@ -24,6 +24,7 @@ class Exchange:
         "mesh_headers",
         "method",
         "path",
+        "peer_identity",
         "request_id",
         "response_bytes",
         "service",
@@ -45,6 +46,9 @@ class Exchange:
         self.service: str | None = None
         self.target: str | None = None
         self.datacenter: str | None = None
+        # The identity the upstream was held to (verified by the gateway's own mTLS, or
+        # required of the mesh proxy with l5d-require-id); None when nothing was.
+        self.peer_identity: str | None = None
         self.status = 0
         self.response_bytes = 0
         self.error_kind: str | None = None

@@ -195,6 +195,7 @@ class Forwarder:
                 tried.append(endpoint.key)
             exchange.target = endpoint.key
             exchange.datacenter = endpoint.datacenter
+            exchange.peer_identity = endpoint.identity
             if not route.preserve_host:
                 headers["Host"] = endpoint.host_header
             for inj in gateway.injectors:
