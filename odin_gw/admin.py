@@ -8,8 +8,10 @@ from flask import Blueprint, current_app, jsonify, request
 
 from .errors import GatewayError
 from .mesh.snapshot import Endpoint
+from .tap import tap_view
 
 admin_bp = Blueprint("admin", __name__, url_prefix="/admin")
+admin_bp.add_url_rule("/tap", "tap", tap_view, methods=["GET"])  # odin_gw/tap.py
 
 
 class AdminDenied(GatewayError):
@@ -93,7 +95,9 @@ def services():
             "datacenters": [d for d in service.datacenters if d],
             "targets": [_endpoint(e, route, e.key in active_keys) for e in service.endpoints],
         }
-        if route.sidecar is not None:
+        if route.proxy_balances:
+            doc["sidecar"] = _linkerd_ingress(route, gateway)
+        elif route.sidecar is not None:
             doc["sidecar"] = _sidecar(route, gateway.mesh.mesh.kind)
         out.append(doc)
     return jsonify(
@@ -102,6 +106,28 @@ def services():
         snapshotVersion=snap.version,
         services=out,
     )
+
+
+class UnknownService(GatewayError):
+    """The admin request names a service the configuration does not have."""
+
+    status = 404
+    code = "unknown_service"
+
+
+@admin_bp.get("/services/<name>")
+def service(name: str):
+    """One service as ``/admin/services`` shows it, plus its mesh route policy: where it
+    comes from, its routes (first match wins), the annotations, what was wrong."""
+    gateway = current_app.extensions["odin"]
+    route = next((r for r in gateway.routes if r.name == name), None)
+    if route is None:
+        raise UnknownService(f"no service {name!r}", service=name)
+    listing = services().get_json()  # the very view /admin/services builds
+    doc = next(s for s in listing["services"] if s["name"] == name)
+    doc["policy"] = gateway.policy(route).describe()
+    doc["snapshotVersion"] = listing["snapshotVersion"]
+    return jsonify(doc)
 
 
 def _sidecar(route, mesh: str) -> dict:
@@ -123,6 +149,28 @@ def _sidecar(route, mesh: str) -> dict:
         "loadBalancing": "sidecar",
         "note": NOTE,
         "passive": route.health.status(ep.key),
+    }
+
+
+def _linkerd_ingress(route, gateway) -> dict:
+    """Where a Linkerd ingress-mode route's requests go: its cluster name or targets,
+    with the ``l5d-dst-override`` the gateway's Linkerd proxy routes by."""
+    from .mesh.linkerd import INGRESS_NOTE, LinkerdHeaders
+
+    sends = (route.sidecar,) if route.sidecar is not None else route.static.endpoints
+    headers = next((i for i in gateway.injectors if isinstance(i, LinkerdHeaders)), None)
+    authority, required, _ = (
+        headers.per_route.get(route.name, (None, None, 0.0)) if headers else (None, None, 0.0)
+    )
+    return {
+        "url": [f"{e.scheme}://{e.host_header}" for e in sends],
+        "mode": "linkerd-ingress",
+        "dstOverride": authority,
+        "requireIdentity": required,
+        "mtls": "linkerd-proxy",
+        "loadBalancing": "linkerd-proxy",
+        "note": INGRESS_NOTE,
+        "passive": {e.key: route.health.status(e.key) for e in sends},
     }
 
 

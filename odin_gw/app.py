@@ -108,6 +108,7 @@ class RequestHooks:
         self.injectors = tuple(gateway.injectors)
         self.trust = ForwardingTrust(gateway.config.server.trusted_proxies)
         self.istio = istio_telemetry(gateway)  # None unless Istio with enableTelemetry
+        self.tap = gateway.tap  # None unless Linkerd with enableTap
 
     def start(self) -> None:
         environ = request.environ
@@ -139,6 +140,7 @@ class RequestHooks:
         metrics = self.metrics
         access_log = self.access_log
         istio = self.istio
+        tap = self.tap
 
         def done() -> None:
             seconds = exchange.elapsed()
@@ -149,6 +151,8 @@ class RequestHooks:
                 access_log.record(exchange, seconds)
             if istio is not None:
                 istio.observe(exchange, seconds, environ)
+            if tap is not None and tap.active:  # active: some tap is open on the host
+                tap.publish(exchange, seconds, environ)
 
         response.call_on_close(done)
         return response

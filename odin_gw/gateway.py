@@ -9,6 +9,7 @@ from types import MappingProxyType
 from .accesslog import AccessLog
 from .config.model import GatewayConfig
 from .ext_authz import ExtAuthz
+from .mesh.cluster_names import cluster_services
 from .mesh.headers import injectors_for
 from .mesh.manager import MeshManager
 from .mesh.snapshot import Endpoint, ServiceEndpoints, Snapshot
@@ -16,7 +17,10 @@ from .mesh.tls import TlsMaterial
 from .metrics import GatewayMetrics
 from .proxy.forwarder import Forwarder
 from .proxy.transport import UpstreamSession
+from .retry_budget import DEFAULT_KEYS, BudgetStore
+from .route_policy import ServicePolicy
 from .routing import Route, RouteTable
+from .tap_hub import TapHub
 
 log = logging.getLogger("odin_gw")
 
@@ -44,9 +48,18 @@ class Gateway:
         self._built_from: dict[str, ServiceEndpoints] = {}  # route -> service of its view
         self._route_keys: dict[str, set[str]] = {}  # route -> endpoint keys it may use
         self._retained_for: object = None  # the adapter the keys were last retained on
+        # Mesh route policies (ServiceProfiles, Linkerd annotations), compiled when a
+        # service's policy text changes; retry budgets count in the state dir, shared by
+        # every worker (the dir is known only in the worker: read when first used).
+        self.budgets = BudgetStore(
+            lambda: self.mesh.state.path if self.mesh.active else None,
+            keys=max(DEFAULT_KEYS, 1 << (2 * len(self.routes)).bit_length()),
+        )
+        self.policies: MappingProxyType = MappingProxyType({})  # route -> ServicePolicy
         self.mesh = manager or MeshManager(config, self.metrics, self._on_snapshot)
         self._on_snapshot(self.mesh.snapshot, self.mesh.tls)
         self.forwarder = Forwarder(self)
+        self.tap = TapHub.for_gateway(config, self.mesh)  # None unless linkerd.enableTap
         # istio.enablePolicyCheck: the ext_authz check before each proxied request.
         self.ext_authz = ExtAuthz.from_config(config, self.forwarder.outbound, pool_size=threads)
         logs = config.logging
@@ -58,10 +71,15 @@ class Gateway:
 
     def start(self) -> None:
         self.mesh.start()
+        if self.tap is not None:
+            self.tap.start()
 
     def stop(self) -> None:
+        if self.tap is not None:
+            self.tap.stop()
         self.mesh.stop()
         self.session.close()
+        self.budgets.close()
         if self.ext_authz is not None:
             self.ext_authz.close()
         if self.access_log is not None:
@@ -93,6 +111,9 @@ class Gateway:
             if route.sidecar is not None:  # consul connectMode sidecar: it picks and does mTLS
                 active, dc = (route.sidecar,), None
                 route_keys.add(route.sidecar.key)
+            elif route.proxy_balances:  # Linkerd ingress: discovered pods are only shown
+                active, dc = route.static.active()
+                route_keys |= {e.key for e in active}
             views[route.name] = (service, active, dc)
             built[route.name] = service
             route.health.prune(route_keys)  # targets that left: forget their failures
@@ -100,10 +121,46 @@ class Gateway:
                 self._route_keys[route.name] = route_keys
                 keys_changed = True
         self._views = MappingProxyType(views)
+        self._compile_policies(snapshot)
         adapter = self.session.adapter
         if keys_changed or adapter is not self._retained_for:
             adapter.retain(set().union(*self._route_keys.values()))
             self._retained_for = adapter
+
+    def _compile_policies(self, snapshot: Snapshot) -> None:
+        """Compile each route's mesh policy whose text changed (the same text is never
+        compiled twice) and hand the set to the forwarder. Runs off the hot path."""
+        old = {(p.service, p.text): p for p in self.policies.values()}
+        compiled: dict[str, ServicePolicy] = {}
+        refs = None
+        for route in self.routes:
+            service = snapshot.services.get(route.mesh_service)
+            text = service.policy if service is not None else ""
+            if not text:
+                continue
+            policy = old.get((route.mesh_service, text))
+            if policy is None:
+                if refs is None:
+                    refs = cluster_services(self.config)
+                cs = refs.get(route.mesh_service)
+                ref = f"{cs.namespace}/{cs.name}" if cs is not None else None
+                policy = ServicePolicy.compile(text, route.mesh_service, self.budgets, ref)
+                old[(route.mesh_service, text)] = policy
+                for problem in policy.errors:
+                    log.warning("service %s: mesh policy: %s", route.name, problem)
+            compiled[route.name] = policy
+        if compiled.keys() == self.policies.keys() and all(
+            compiled[n] is self.policies[n] for n in compiled
+        ):
+            return
+        self.policies = MappingProxyType(compiled)
+        forwarder = self.__dict__.get("forwarder")  # None while __init__ builds it
+        if forwarder is not None:
+            forwarder.use_policies(compiled)
+
+    def policy(self, route: Route) -> ServicePolicy:
+        """The route's compiled mesh policy (an empty one when its service has none)."""
+        return self.policies.get(route.name) or ServicePolicy(route.mesh_service)
 
     def view(self, route: Route) -> tuple[ServiceEndpoints, tuple[Endpoint, ...], str | None]:
         """(all endpoints, the active ones, the datacenter serving) for admin answers."""

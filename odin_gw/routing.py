@@ -29,6 +29,12 @@ class Route:
     goes, in plain HTTP: an explicit upstream listener of the gateway's own Consul
     sidecar, or ``<meshService>.virtual.consul`` through its transparent proxy. The sidecar
     does mTLS and load balancing; discovered instances are only shown.
+
+    ``proxy_balances`` (Linkerd ingress mode): the gateway's own Linkerd proxy picks the
+    pod (by ``l5d-dst-override``) and does mTLS. Requests go to ``sidecar`` (the
+    service's cluster name) or, when the service gives ``targets``, to those; discovered
+    instances are only shown, never picked (the proxy's per-route features need it to
+    choose).
     """
 
     name: str
@@ -46,6 +52,7 @@ class Route:
     idle_timeout: float = 0.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     sidecar: Endpoint | None = None
+    proxy_balances: bool = False
 
     @classmethod
     def from_config(cls, svc: ServiceConfig, gateway: GatewayConfig) -> Route:
@@ -83,6 +90,7 @@ class Route:
             idle_timeout=svc.idle_timeout or read,
             retry=RetryPolicy(others=svc.retries),
             sidecar=sidecar_endpoint(svc, gateway),
+            proxy_balances=gateway.service_mesh.kind == "linkerd",
         )
 
     def upstream_path(self, raw_path: str) -> str:
@@ -112,8 +120,8 @@ def sidecar_endpoint(svc: ServiceConfig, gateway: GatewayConfig) -> Endpoint | N
     originates the mTLS.
     """
     mesh = gateway.service_mesh
-    if mesh.kind == "istio" and mesh.istio.inject_sidecar:
-        return istio_sidecar_endpoint(svc, gateway)
+    if (mesh.kind == "istio" and mesh.istio.inject_sidecar) or mesh.kind == "linkerd":
+        return cluster_name_endpoint(svc, gateway)
     if mesh.kind != "consul" or not mesh.consul.sidecar:
         return None
     if svc.upstream is not None:
@@ -126,10 +134,11 @@ def sidecar_endpoint(svc: ServiceConfig, gateway: GatewayConfig) -> Endpoint | N
     return Endpoint(address=name, port=port, scheme="http")
 
 
-def istio_sidecar_endpoint(svc: ServiceConfig, gateway: GatewayConfig) -> Endpoint | None:
-    """``istio.injectSidecar: true``: the service's Kubernetes name, which the gateway's
-    own Istio sidecar intercepts, balances and secures (``None`` when the service gives
-    ``targets``: they are used as written, and the sidecar intercepts those as well).
+def cluster_name_endpoint(svc: ServiceConfig, gateway: GatewayConfig) -> Endpoint | None:
+    """``istio.injectSidecar: true`` or Linkerd ingress mode: the service's Kubernetes
+    name, which the gateway's own Istio sidecar or Linkerd proxy intercepts, balances and
+    secures (``None`` when the service gives ``targets``: they are used as written, and
+    the proxy intercepts those as well).
 
     ``<meshService>.<namespace>.svc.cluster.local:<port>`` (namespace
     ``services[].namespace`` else ``serviceMesh.namespace``, port ``services[].port``

@@ -42,7 +42,8 @@ _OBSOLETE = {
         "Kubernetes EndpointSlices, so this address is not used"
     ),
     ("linkerd", "tapAddr"): (
-        "Linkerd tap moved to the viz extension behind the Kubernetes API; this address is not used"
+        "Linkerd tap moved to the viz extension behind the Kubernetes API; this address is not "
+        "used: the gateway's own live tap is GET /admin/tap (with linkerd.enableTap: true)"
     ),
 }
 

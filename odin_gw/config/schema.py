@@ -582,8 +582,7 @@ class GatewaySchema(Section):
                 (
                     "namespace",
                     linkerd or istio,
-                    "serviceMesh.type: linkerd or istio (the Kubernetes namespace of the "
-                    "service)",
+                    "serviceMesh.type: linkerd or istio (the Kubernetes namespace of the service)",
                 ),
             ):
                 if entry.get(key) is not None and not allowed and mesh_known:

@@ -61,44 +61,26 @@ class ConsulHeaders(MeshHeaders):
             headers["X-Consul-Token"] = self.token
 
 
-class IstioHeaders(MeshHeaders):
-    """The spec's "Istio Headers", as today's Istio and Envoy read them.
+class TraceHeaders(MeshHeaders):
+    """B3 and W3C trace context for meshes whose proxies trace (Istio, Linkerd).
 
     Per request (:meth:`request`): the trace is continued from ``b3``, ``x-b3-*`` or
     ``traceparent`` (see :mod:`odin_gw.mesh.tracing`), or a new one starts;
-    ``X-B3-TraceId``, ``X-B3-Sampled`` (kept, else decided by ``istio.samplingRate``),
+    ``X-B3-TraceId``, ``X-B3-Sampled`` (kept, else decided by ``sampling_rate``),
     ``X-B3-ParentSpanId`` (the caller's span, when there was one), ``X-B3-Flags: 1``
-    (debug, when asked), ``tracestate`` (with its own trace only) and
-    ``X-Envoy-Namespace`` (``serviceMesh.namespace``) are added. ``X-Request-Id`` is the
-    exchange's (kept when sane, else a new UUID).
+    (debug, when asked) and ``tracestate`` (with its own trace only) are added.
 
     Per attempt (:meth:`upstream`): a new ``X-B3-SpanId`` and the matching
     ``traceparent``, so each try, a retry on another endpoint too, is its own hop.
 
-    Stripped from clients: the trace headers above (re-sent consistent, never raw) and
-    every ``x-envoy-*``. Those steer the gateway's own sidecar and the target's (timeouts,
-    retries, routing: ``x-envoy-upstream-rq-timeout-ms``, ``x-envoy-retry-on``,
-    ``x-envoy-max-retries``...), so a client must never set them, even when
-    ``istio.customHeaders`` lists one (a warning at start says so).
-
-    ``istio.customHeaders`` are copied as received from the client, whatever else would
-    have dropped them (a ``Connection`` header naming them, for instance), except names
-    the gateway decides itself, each reported once at start: trace headers and
-    ``X-Request-Id`` (propagated by the rules above: a valid id continues unchanged, an
-    invalid one would break the trace), ``x-envoy-*``, hop-by-hop and framing headers,
-    forwarding headers (``Host``, ``X-Forwarded-*``, ``Forwarded``...: trust is
-    ``server.trustedProxies``'s call), and names a service sets in its ``headers`` (the
-    service's value must win; other services still get the client's copy as an ordinary
-    header).
+    Stripped from clients: the trace headers above (re-sent consistent, never raw).
     """
 
     strip = frozenset({"HTTP_B3", "HTTP_TRACEPARENT", "HTTP_TRACESTATE"})
-    strip_prefixes = ("HTTP_X_B3_", "HTTP_X_ENVOY_")
+    strip_prefixes: tuple[str, ...] = ("HTTP_X_B3_",)
 
-    def __init__(self, mesh: MeshConfig, services: Iterable[ServiceConfig] = ()) -> None:
-        self.decide = sampler(mesh.istio.sampling_rate)  # () -> "1" | "0"
-        self.namespace = ("X-Envoy-Namespace", mesh.namespace)
-        self.custom = _custom_copies(mesh.istio.custom_headers, services)
+    def __init__(self, sampling_rate: float = 1.0) -> None:
+        self.decide = sampler(sampling_rate)  # () -> "1" | "0"
 
     def request(self, exchange: Exchange, environ: dict) -> None:
         inbound = extract(environ)
@@ -112,15 +94,14 @@ class IstioHeaders(MeshHeaders):
             add(("X-B3-Flags", "1"))
         if inbound.tracestate is not None:
             add(("tracestate", inbound.tracestate))
-        add(self.namespace)
-        for key, name in self.custom:
-            value = environ.get(key)
-            if value is not None:
-                add((name, value))
 
     def upstream(
         self, exchange: Exchange, endpoint: Endpoint, headers: MutableMapping[str, str]
     ) -> None:
+        self.new_span(headers)
+
+    def new_span(self, headers: MutableMapping[str, str]) -> tuple[str, str, str]:
+        """A new span for this attempt: ``(trace id, span id, sampled)`` as sent."""
         # The trace id and decision are read back from what will be sent, so the span and
         # traceparent always agree with them.
         trace = headers.get("X-B3-TraceId")
@@ -131,6 +112,48 @@ class IstioHeaders(MeshHeaders):
         span = new_span_id()
         headers["X-B3-SpanId"] = span
         headers["traceparent"] = traceparent(trace, span, sampled)
+        return trace, span, sampled
+
+
+class IstioHeaders(TraceHeaders):
+    """The spec's "Istio Headers", as today's Istio and Envoy read them.
+
+    The trace headers of :class:`TraceHeaders` (sampling by ``istio.samplingRate``),
+    plus ``X-Envoy-Namespace`` (``serviceMesh.namespace``). ``X-Request-Id`` is the
+    exchange's (kept when sane, else a new UUID).
+
+    Stripped from clients, besides the trace headers: every ``x-envoy-*``. Those steer
+    the gateway's own sidecar and the target's (timeouts, retries, routing:
+    ``x-envoy-upstream-rq-timeout-ms``, ``x-envoy-retry-on``, ``x-envoy-max-retries``...),
+    so a client must never set them, even when ``istio.customHeaders`` lists one (a
+    warning at start says so).
+
+    ``istio.customHeaders`` are copied as received from the client, whatever else would
+    have dropped them (a ``Connection`` header naming them, for instance), except names
+    the gateway decides itself, each reported once at start: trace headers and
+    ``X-Request-Id`` (propagated by the rules above: a valid id continues unchanged, an
+    invalid one would break the trace), ``x-envoy-*``, hop-by-hop and framing headers,
+    forwarding headers (``Host``, ``X-Forwarded-*``, ``Forwarded``...: trust is
+    ``server.trustedProxies``'s call), and names a service sets in its ``headers`` (the
+    service's value must win; other services still get the client's copy as an ordinary
+    header).
+    """
+
+    strip_prefixes = ("HTTP_X_B3_", "HTTP_X_ENVOY_")
+
+    def __init__(self, mesh: MeshConfig, services: Iterable[ServiceConfig] = ()) -> None:
+        super().__init__(mesh.istio.sampling_rate)
+        self.namespace = ("X-Envoy-Namespace", mesh.namespace)
+        self.custom = _custom_copies(mesh.istio.custom_headers, services)
+
+    def request(self, exchange: Exchange, environ: dict) -> None:
+        super().request(exchange, environ)
+        add = exchange.mesh_headers.append
+        add(self.namespace)
+        for key, name in self.custom:
+            value = environ.get(key)
+            if value is not None:
+                add((name, value))
 
 
 # Trace headers the gateway continues itself (IstioHeaders), besides the x-b3-* prefix.
@@ -192,4 +215,8 @@ def injectors_for(config) -> list[MeshHeaders]:
         return [ConsulHeaders(mesh.consul)]
     if mesh.kind == "istio":  # sidecar and direct mode alike
         return [IstioHeaders(mesh, config.services)]
+    if mesh.kind == "linkerd":
+        from .linkerd import LinkerdHeaders
+
+        return [LinkerdHeaders(config)]
     return []

@@ -2,7 +2,7 @@
 
 **Sidecar** (``true``, the default): the gateway runs with an Istio sidecar, which
 discovers, balances and originates mTLS. Each route sends plain HTTP to
-``<meshService>.<namespace>.svc.cluster.local:<port>`` (``routing.istio_sidecar_endpoint``)
+``<meshService>.<namespace>.svc.cluster.local:<port>`` (``routing.cluster_name_endpoint``)
 unless the service lists ``targets``; no xDS connection is made.
 
 **Direct** (``false``): the gateway is the mesh client itself. :class:`IstioClient` keeps
@@ -68,9 +68,8 @@ class MeshService:
 def mesh_services(config: GatewayConfig) -> dict[str, MeshService]:
     """The Istio clusters of the configured services, by mesh service name (the first
     service naming a mesh service decides its port and account)."""
-    from .xds import cluster_name
-
     from .cluster_names import cluster_services
+    from .xds import cluster_name
 
     out: dict[str, MeshService] = {}
     for name, cs in cluster_services(config).items():
@@ -207,6 +206,38 @@ class IstioClient:
             locality=locality,
             host_header=authority,
         )
+
+
+def kubernetes_endpoints(config: GatewayConfig):
+    """``istio.discovery: kubernetes``: an ``endpoint_factory`` for
+    :class:`~odin_gw.mesh.kubernetes.KubernetesDiscovery` that makes each EndpointSlice
+    address an Istio workload endpoint.
+
+    EndpointSlices say nothing of sidecars or service accounts, so: with
+    ``mtlsEnabled`` every endpoint gets mTLS (SNI ``outbound_.<port>_._.<host>``, the
+    peer held to ``spiffe://<trustDomain>/ns/<ns>/sa/<identity>`` when the service names
+    its ``identity``, else to the trust domain's CA); without it, plain HTTP (automatic
+    mTLS needs the ``tlsMode`` istiod puts in EDS: use ``discovery: xds`` for it).
+    """
+    mesh = config.service_mesh
+    trust_domain = mesh.trust_domain or "cluster.local"
+    mtls = mesh.mtls_enabled
+
+    def make(cs, seen) -> Endpoint:
+        authority = cs.host if cs.port == 80 else f"{cs.host}:{cs.port}"
+        if not mtls:
+            return seen.endpoint(host_header=authority)
+        identity = (
+            f"spiffe://{trust_domain}/ns/{cs.namespace}/sa/{cs.identity}" if cs.identity else None
+        )
+        return seen.endpoint(
+            scheme="https",
+            identity=identity,
+            sni=f"outbound_.{cs.port}_._.{cs.host}",
+            host_header=authority,
+        )
+
+    return make
 
 
 #: istiod's TLS xDS port in its usual Service (``pilotAddr`` unset).

@@ -87,15 +87,27 @@ def make_client(config: GatewayConfig) -> MeshClient:
                 "job); no xDS connection is made"
             )
             return StaticClient()
+        if config.service_mesh.istio.discovery == "kubernetes":
+            from .istio import kubernetes_endpoints
+            from .kubernetes import KubernetesDiscovery
+
+            log.info(
+                "istio direct mode with discovery: kubernetes: endpoints from EndpointSlices "
+                "(no xDS connection); mTLS to every endpoint only with mtlsEnabled"
+            )
+            return KubernetesDiscovery(
+                config, source="istio", endpoint_factory=kubernetes_endpoints(config)
+            )
         from .istio import IstioClient
 
         return IstioClient(config)
     if kind == "linkerd":
-        log.warning(
-            "serviceMesh.type %s: discovery for this mesh is not built yet; routes use "
-            "their static targets",
-            kind,
-        )
+        from .kubernetes import KubernetesDiscovery
+        from .linkerd import describe
+
+        for line in describe(config):
+            log.info("%s", line)
+        return KubernetesDiscovery(config, source="linkerd")
     return StaticClient()
 
 
@@ -206,6 +218,9 @@ class MeshManager:
             return False, f"waiting for TLS material ({why})"
         if self.mesh.kind == "none":
             return True, "static routing"
+        if self.mesh.kind == "linkerd":
+            # Ingress mode: the Linkerd proxy picks the pods; discovery is only shown.
+            return True, "the linkerd proxy routes (discovery is shown, not used to route)"
         if self.leader_stale:
             return False, self.leader_stale
         snap = self.snapshot

@@ -27,10 +27,12 @@ class Exchange:
         "peer_identity",
         "request_id",
         "response_bytes",
+        "retries",
         "service",
         "started",
         "status",
         "target",
+        "timeout",
     )
 
     def __init__(self, environ: dict) -> None:
@@ -49,8 +51,13 @@ class Exchange:
         # The identity the upstream was held to (verified by the gateway's own mTLS, or
         # required of the mesh proxy with l5d-require-id); None when nothing was.
         self.peer_identity: str | None = None
+        # The deadline's length for the upstream answer (the route's, or a shorter one
+        # from the mesh's route policy), set by the forwarder; None before forwarding.
+        self.timeout: float | None = None
         self.status = 0
         self.response_bytes = 0
+        # Attempts after the first (transport failures and retried answers alike).
+        self.retries = 0
         self.error_kind: str | None = None
         # Filled by the mesh header injectors' before_request hook; sent upstream.
         self.mesh_headers: list[tuple[str, str]] = []

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import ssl
 import struct
+import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from time import monotonic
+from types import MappingProxyType
 
 from flask import Response  # Flask's own class: anything else is converted per request
 from urllib3.exceptions import (
@@ -30,6 +33,7 @@ from ..errors import (
 )
 from ..mesh.identity import PeerIdentityError
 from ..mesh.snapshot import Endpoint
+from ..route_policy import RoutePolicy, ServicePolicy
 from ..routing import Route
 from .exchange import Exchange
 from .headers import response_headers
@@ -133,6 +137,9 @@ class Forwarder:
     ``gateway.candidates(route)`` gives a route's current endpoints; the gateway's mesh
     header injectors (see :mod:`odin_gw.mesh.headers`) decide what is stripped and added;
     the route's :class:`~.retry.RetryPolicy` decides which failures are tried again.
+    ``policies`` (route name -> :class:`~odin_gw.route_policy.ServicePolicy`, swapped
+    whole by :meth:`use_policies` when the mesh's policy changes) adds the mesh's
+    per-route timeout and answer retries.
     """
 
     def __init__(self, gateway) -> None:
@@ -147,6 +154,14 @@ class Forwarder:
         self._rcvtimeo = _timeval(server.read_timeout)
         self._sndtimeo = _timeval(server.write_timeout)
         self._bounded: weakref.WeakSet = weakref.WeakSet()
+        self.policies: Mapping[str, ServicePolicy] = MappingProxyType(
+            dict(getattr(gateway, "policies", None) or {})
+        )
+
+    def use_policies(self, policies: Mapping[str, ServicePolicy]) -> None:
+        """Apply new compiled policies (only routes that have one); requests in flight
+        keep the policy they matched."""
+        self.policies = MappingProxyType(dict(policies))
 
     def _bound_client_io(self, sock) -> None:
         # Kernel timeouts on the client socket: readTimeout bounds each receive of the
@@ -166,7 +181,11 @@ class Forwarder:
         """Forward the request in ``environ`` along ``route``; raises ``GatewayError``.
 
         The route's timeout is one deadline for the answer head, shared by every attempt
-        (Envoy's route timeout covers its retries the same way).
+        (Envoy's route timeout covers its retries the same way). A mesh route policy
+        matched on the method and the upstream path may shorten it (the shorter wins),
+        bound each attempt (``try_timeout``) and retry answers whose status it names,
+        while the request body is replayable, its limit and its retry budget allow and
+        time is left; the last answer is relayed when no retry is allowed.
         """
         client_sock = environ.get("gunicorn.socket")
         if client_sock is not None:
@@ -175,24 +194,44 @@ class Forwarder:
         method, url, headers = out.method, out.url, out.headers
         body, chunked, replayable = out.body, out.chunked, out.replayable
         timeout = route.timeout.read_timeout
-        deadline = monotonic() + timeout
+        now = monotonic()
+        policy: RetryPolicy | None = route.retry
+        mesh: RoutePolicy | None = None
+        if self.policies:
+            service_policy = self.policies.get(route.name)
+            if service_policy is not None:
+                mesh = service_policy.match(method, url.partition("?")[0])
+            if mesh is not None:
+                if mesh.timeout is not None and mesh.timeout < timeout:
+                    timeout = mesh.timeout
+                if mesh.retryable:
+                    policy = policy.with_route(mesh)
+                    if mesh.budget is not None:
+                        mesh.budget.deposit(now)  # every request earns retryRatio
+        deadline = now + timeout
+        exchange.timeout = timeout
 
         gateway = self.gateway
         candidates = gateway.candidates(route)
         session = gateway.session
         balancer = route.balancer
         health = route.health
-        policy: RetryPolicy | None = route.retry
         tried: list[str] = []
         error: UpstreamError | None = None
         endpoint: Endpoint | None = None
         fresh = False  # after a stale keep-alive: a new connection, not another pooled one
+        again = False  # an answer retry may go back to an endpoint tried already
         while True:
             if endpoint is None:
                 endpoint = balancer.pick(candidates, tried, health.available)
+                if endpoint is None and again:
+                    # Every endpoint tried (one sidecar: the same one, whose proxy
+                    # balances again): any of them, as Linkerd's retries do.
+                    endpoint = balancer.pick(candidates, (), health.available)
                 if endpoint is None:
                     break
-                tried.append(endpoint.key)
+                if endpoint.key not in tried:
+                    tried.append(endpoint.key)
             exchange.target = endpoint.key
             exchange.datacenter = endpoint.datacenter
             exchange.peer_identity = endpoint.identity
@@ -200,6 +239,9 @@ class Forwarder:
                 headers["Host"] = endpoint.host_header
             for inj in gateway.injectors:
                 inj.upstream(exchange, endpoint, headers)
+            attempt_deadline = deadline
+            if mesh is not None and mesh.try_timeout is not None and not policy.last_answer:
+                attempt_deadline = min(deadline, monotonic() + mesh.try_timeout)
             balancer.started(endpoint)
             try:
                 resp = open_response(
@@ -210,7 +252,7 @@ class Forwarder:
                     body,
                     headers,
                     chunked,
-                    deadline,
+                    attempt_deadline,
                     timeout,
                     route.timeout.connect_timeout,
                     route.idle_timeout,
@@ -218,11 +260,22 @@ class Forwarder:
                 )
             except TransportError as exc:
                 balancer.finished(endpoint)
-                error = _upstream_error(exc, endpoint, route)
-                if exc.failure is Failure.CONNECT:
+                failure = exc.failure
+                if (
+                    failure is Failure.TIMEOUT
+                    and attempt_deadline < deadline
+                    and monotonic() < deadline
+                ):
+                    failure = Failure.TRY_TIMEOUT  # the attempt's own bound, not the route's
+                error = _upstream_error(exc, endpoint, route, timeout, mesh, failure)
+                if failure is Failure.CONNECT:
                     health.failed(endpoint.key)
-                policy = policy.after(exc.failure, method, replayable)
-                if policy is None or exc.failure is not Failure.STALE:
+                policy = policy.after(failure, method, replayable)
+                if failure is Failure.TRY_TIMEOUT and not (
+                    policy is not None and _spend(mesh, monotonic())
+                ):
+                    policy = None  # the budget is asked last: a refusal spends nothing
+                if policy is None or failure is not Failure.STALE:
                     # A stale keep-alive retried is routine, not an upstream error.
                     exchange.error_kind = error.code
                 log.warning(
@@ -233,15 +286,36 @@ class Forwarder:
                 )
                 if policy is None:
                     raise error from exc
-                fresh = policy.same_endpoint(exc.failure)
+                exchange.retries += 1
+                fresh = policy.same_endpoint(failure)
                 if not fresh:
                     endpoint = None
+                if failure is Failure.TRY_TIMEOUT:
+                    again = True
+                    _back_off(mesh, exchange.retries, deadline)
                 continue
             except BaseException as exc:
                 balancer.finished(endpoint)
                 exchange.error_kind = getattr(exc, "code", None) or "internal_error"
                 raise
             health.succeeded(endpoint.key)
+            if policy.statuses and policy.retries_status(resp.status):
+                retry = policy.after(Failure.STATUS, method, replayable)
+                if retry is not None and monotonic() < deadline and _spend(mesh, monotonic()):
+                    log.info(
+                        "%s: upstream %s answered %d; retrying (%s; request %s)",
+                        route.name,
+                        endpoint.key,
+                        resp.status,
+                        mesh.source if mesh is not None else "retry policy",
+                        exchange.request_id,
+                    )
+                    _discard(resp, method)
+                    balancer.finished(endpoint)
+                    exchange.retries += 1
+                    policy, endpoint, fresh, again = retry, None, False, True
+                    _back_off(mesh, exchange.retries, deadline)
+                    continue
             finish = _Finish(balancer, endpoint)
             try:
                 return self._respond(resp, method, exchange, finish)
@@ -296,6 +370,42 @@ class Forwarder:
         return ProxyResponse.relay(UpstreamBody(resp, exchange, finish), status, headers)
 
 
+def _spend(mesh: RoutePolicy | None, now: float) -> bool:
+    """Whether the route's retry budget allows one more retry (spending it if so)."""
+    budget = mesh.budget if mesh is not None else None
+    return budget is None or budget.withdraw(now)
+
+
+def _back_off(mesh: RoutePolicy | None, retries: int, deadline: float) -> None:
+    """Wait before an answer retry when the policy says so (Linkerd's annotation retries:
+    exponential from 25 ms, capped at 250 ms, full jitter), never past the deadline."""
+    if mesh is None or mesh.backoff is None:
+        return
+    first, cap = mesh.backoff
+    base = min(cap, first * 2 ** min(retries - 1, 16))
+    pause = min(cap, base + random.random() * base, deadline - monotonic())
+    if pause > 0:
+        time.sleep(pause)
+
+
+def _discard(resp, method: str) -> None:
+    """Drop an answer that is retried: a small body of known length is read, so its
+    connection goes back to the pool; any other is left unread and ``release`` closes
+    the connection (unread bytes would poison the next request)."""
+    try:
+        length = resp.length_remaining
+        if (
+            method == "HEAD"
+            or resp.status in NO_BODY_STATUS
+            or (length is not None and length <= SMALL_BODY)
+        ):
+            resp.read(decode_content=False)
+    except (ReadTimeoutError, ProtocolError, SSLError, OSError):
+        pass  # incomplete: release() closes the connection
+    finally:
+        release(resp)
+
+
 class _Finish:
     """Ends one attempt's balancer accounting (``least-request`` in-flight counts) once,
     however many release paths call it."""
@@ -326,8 +436,18 @@ def _reason(exc: BaseException) -> str:
     return text
 
 
-def _upstream_error(exc: TransportError, endpoint: Endpoint, route: Route) -> UpstreamError:
-    """The gateway error for a failed attempt (the one raised if it is not retried)."""
+def _upstream_error(
+    exc: TransportError,
+    endpoint: Endpoint,
+    route: Route,
+    timeout: float | None = None,
+    mesh: RoutePolicy | None = None,
+    failure: Failure | None = None,
+) -> UpstreamError:
+    """The gateway error for a failed attempt (the one raised if it is not retried).
+
+    ``timeout`` is the deadline the request had (the route's, or a shorter one from
+    ``mesh``, the route policy, whose source a timeout message names)."""
     target = endpoint.key
     where = f"{route.name}: upstream {endpoint.address}:{endpoint.port}"
     cause = exc.__cause__ or exc
@@ -347,9 +467,17 @@ def _upstream_error(exc: TransportError, endpoint: Endpoint, route: Route) -> Up
             return UpstreamTimeout(f"{where}: connect timed out", target=target)
         return UpstreamUnreachable(f"{where} unreachable: {_reason(cause)}", target=target)
     if isinstance(exc, HeadTimeout):
-        return UpstreamTimeout(
-            f"{where} did not answer within {route.timeout.read_timeout:g}s", target=target
-        )
+        if failure is Failure.TRY_TIMEOUT and mesh is not None and mesh.try_timeout:
+            return UpstreamTimeout(
+                f"{where} did not answer within the per-try timeout "
+                f"{mesh.try_timeout:g}s ({mesh.source})",
+                target=target,
+            )
+        limit = route.timeout.read_timeout if timeout is None else timeout
+        why = ""
+        if mesh is not None and mesh.timeout is not None and mesh.timeout <= limit:
+            why = f" ({mesh.source})"
+        return UpstreamTimeout(f"{where} did not answer within {limit:g}s{why}", target=target)
     if isinstance(exc, InvalidResponse):
         return UpstreamProtocolError(f"{where} sent an invalid answer: {exc}", target=target)
     if isinstance(exc, StaleConnection):

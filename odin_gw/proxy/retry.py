@@ -16,9 +16,18 @@ give up), so per-request state lives in the value a request holds, never in shar
 | was sent                    | processed            | only, on another endpoint                 |
 | ``timeout``                 | request              | never: the deadline is spent              |
 | ``protocol`` (invalid head) | request              | never: the backend answered, badly        |
+| ``status``: an answer whose | request, answered    | when the route's policy retries that      |
+| status the route retries    |                      | status and the body is replayable (none,  |
+| (mesh route policy)         |                      | or buffered: at most 64 KiB, Linkerd's    |
+|                             |                      | limit); counts against ``answers``        |
+| ``try_timeout``: one        | request              | as ``status``; the attempt's connection   |
+| attempt's own time ran out  |                      | is closed                                 |
 
 The route's ``timeout`` is one deadline for the answer head that every attempt shares
 (Envoy's route timeout covers all retries the same way): a retry gets what is left.
+Answer retries also need the route's retry budget to allow them (the forwarder asks it
+last, so a retry refused for another reason spends nothing); see
+:mod:`odin_gw.route_policy` for where ``statuses`` and ``answers`` come from.
 """
 
 from __future__ import annotations
@@ -38,16 +47,36 @@ class Failure(Enum):
     RESET = "reset"
     TIMEOUT = "timeout"
     PROTOCOL = "protocol"
+    STATUS = "status"
+    TRY_TIMEOUT = "try_timeout"
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """``others``: further endpoints to try after a failure (the service's ``retries``);
-    ``stale``: fresh-connection retries on the same endpoint after a stale keep-alive."""
+    ``stale``: fresh-connection retries on the same endpoint after a stale keep-alive;
+    ``statuses``: answers that are retried; ``answers``: retries left for those and for
+    per-try timeouts (``None``: no count, the route's budget alone limits them)."""
 
     others: int = 1
     stale: int = 1
     idempotent: frozenset[str] = IDEMPOTENT
+    statuses: frozenset[int] = frozenset()
+    answers: int | None = 0
+
+    def with_route(self, route) -> RetryPolicy:
+        """This policy plus a :class:`~odin_gw.route_policy.RoutePolicy`'s answer retries
+        (its statuses and limit): the value one request of that route starts from."""
+        return replace(self, statuses=route.retry_statuses, answers=route.limit)
+
+    def retries_status(self, status: int) -> bool:
+        """Whether an answer with ``status`` is one this policy tries again."""
+        return status in self.statuses
+
+    @property
+    def last_answer(self) -> bool:
+        """No answer retry left: the next attempt is the last (no per-try timeout)."""
+        return self.answers == 0
 
     def after(self, failure: Failure, method: str, replayable: bool) -> RetryPolicy | None:
         """The policy for the next attempt after ``failure``, or ``None`` to give up.
@@ -65,6 +94,14 @@ class RetryPolicy:
             if self.others > 0 and replayable and method in self.idempotent:
                 return replace(self, others=self.others - 1)
             return None
+        if failure is Failure.STATUS or failure is Failure.TRY_TIMEOUT:
+            # The upstream has seen the request: only a body the gateway still holds
+            # can go again.
+            if not replayable:
+                return None
+            if self.answers is None:
+                return self
+            return replace(self, answers=self.answers - 1) if self.answers > 0 else None
         return None  # TIMEOUT, PROTOCOL
 
     @staticmethod

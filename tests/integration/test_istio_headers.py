@@ -7,13 +7,12 @@ and ``samplingRate: 0`` so that a sampled request can only be one whose decision
 
 from __future__ import annotations
 
-import json
 import uuid
 
 import pytest
 
 from tests.support.gateway import GatewayProcess
-from tests.support.raw_client import RawResponse, exchange
+from tests.support.raw_client import RawResponse, echoed_get
 from tests.support.raw_upstream import RawUpstream, Reply
 from tests.support.upstream import Upstream
 
@@ -71,17 +70,7 @@ def gw(echo, dropper):
 
 
 def send(gw, *headers: str, path: str = "/shop/x") -> tuple[RawResponse, dict[str, str]]:
-    """One request with ``headers`` (raw lines); the answer and the headers the upstream
-    received (lower-case names; each must have arrived once)."""
-    head = "".join(f"{h}\r\n" for h in headers)
-    raw = f"GET {path} HTTP/1.1\r\nHost: gw\r\n{head}Connection: close\r\n\r\n"
-    resp = exchange(gw.port, raw.encode("latin-1"))
-    assert resp.status == 200, resp.body
-    seen: dict[str, str] = {}
-    for name, value in json.loads(resp.body)["headers"]:
-        assert name.lower() not in seen, f"{name} sent twice"
-        seen[name.lower()] = value
-    return resp, seen
+    return echoed_get(gw.port, *headers, path=path, host="gw")
 
 
 def assert_hop(seen: dict[str, str], sampled: str) -> tuple[str, str]:

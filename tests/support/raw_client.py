@@ -133,3 +133,22 @@ def exchange(port: int, raw: bytes, head_only: bool = False, timeout: float = 10
     with connect(port, timeout=timeout) as sock:
         sock.sendall(raw)
         return RawReader(sock, timeout).read_response(head_only)
+
+
+def echoed_get(
+    port: int, *headers: str, path: str, host: str = "gw"
+) -> tuple[RawResponse, dict[str, str]]:
+    """``GET path`` with ``headers`` (raw lines) through the gateway to the echoing test
+    upstream (``tests.support.upstream``): the answer (which must be 200) and the headers
+    the upstream received, by lower-case name; each must have arrived once."""
+    import json
+
+    head = "".join(f"{h}\r\n" for h in headers)
+    raw = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{head}Connection: close\r\n\r\n"
+    resp = exchange(port, raw.encode("latin-1"))
+    assert resp.status == 200, resp.body
+    seen: dict[str, str] = {}
+    for name, value in json.loads(resp.body)["headers"]:
+        assert name.lower() not in seen, f"{name} sent twice"
+        seen[name.lower()] = value
+    return resp, seen
