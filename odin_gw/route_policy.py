@@ -27,20 +27,20 @@ Linkerd's rules, as its controller and proxy apply them:
 - A profile that does not parse is reported and ignored as a whole: the service then
   behaves as with no profile.
 
-``pathRegex`` is RE2 syntax (the proxy's Rust ``regex`` crate is RE2-compatible).
-:func:`translate_re2` maps it to Python ``re`` and refuses what RE2 does not have
-(backreferences, lookaround, atomic groups, possessive repeats) and what Python cannot
-express (``\\pL`` Unicode classes, the ungreedy flag ``(?U)``).
+``pathRegex`` is RE2 syntax (the proxy's Rust ``regex`` crate is RE2-compatible), compiled
+by RE2 itself (PyPI's ``google-re2``): what RE2 does not have (backreferences,
+lookaround, atomic groups, possessive repeats) is refused with RE2's own message.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import re2
 
 from .retry_budget import BudgetStore, RetryBudget
 
@@ -677,243 +677,22 @@ def go_duration(raw: Any) -> float:
 
 # -- RE2 path regexes ------------------------------------------------------------------------
 
-_POSIX_CLASSES = {
-    "alnum": "0-9A-Za-z",
-    "alpha": "A-Za-z",
-    "ascii": "\\x00-\\x7f",
-    "blank": "\\t ",
-    "cntrl": "\\x00-\\x1f\\x7f",
-    "digit": "0-9",
-    "graph": "!-~",
-    "lower": "a-z",
-    "print": " -~",
-    "punct": "!-/:-@\\[-`{-~",
-    "space": "\\t\\n\\v\\f\\r ",
-    "upper": "A-Z",
-    "word": "0-9A-Za-z_",
-    "xdigit": "0-9A-Fa-f",
-}
-_SIMPLE_ESCAPES = set("dDwWsSafnrtv")
-_ASSERT_ESCAPES = {"b": "\\b", "B": "\\B", "A": "\\A", "z": "\\Z"}
-_MAX_REPEAT = 1000  # RE2's limit on {n,m}
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a bad pattern is reported by us, not printed to stderr
 
 
-def compile_path_regex(regex: str) -> re.Pattern[str]:
+def compile_path_regex(regex: str):
     """The pattern the Linkerd proxy builds from a ``pathRegex``: trimmed, ``^``/``$``
-    added where missing (as text, exactly as the proxy does), RE2 syntax translated to
-    Python. Use ``.search``. Raises PolicyError naming what is wrong."""
+    added where missing (as text, exactly as the proxy does), compiled by RE2 itself
+    (google-re2): the same syntax as the proxy's Rust ``regex`` crate, and matching in
+    time linear in the path, so no profile can make a request path backtrack for ever.
+    Use ``.search``. Raises PolicyError naming what is wrong."""
     text = regex.strip()
     anchored = ("" if text.startswith("^") else "^") + text + ("" if text.endswith("$") else "$")
     try:
-        translated = translate_re2(anchored)
-    except PolicyError as exc:
-        raise PolicyError(f"invalid regex {regex!r}: {exc}") from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a FutureWarning means we mistranslated
-            return re.compile(translated)
-    except (re.error, FutureWarning, DeprecationWarning, RecursionError) as exc:
-        raise PolicyError(f"invalid regex {regex!r}: {exc}") from None
-
-
-def translate_re2(pattern: str) -> str:
-    """RE2 syntax -> Python ``re`` syntax; raises PolicyError for what has no equivalent.
-
-    Handled: ``\\z``, ``\\Q...\\E``, ``\\x{...}``, ``(?<name>``, ``[[:alpha:]]``, flags set
-    mid-group (``a(?i)b``: Python only takes global flags at the start) and class
-    contents Python would read as nested sets.
-    """
-    out: list[str] = []
-    # Per open group: the flag scopes opened inside it by "(?flags)", closed at its end.
-    scopes: list[list[str]] = [[]]
-    i, n = 0, len(pattern)
-    while i < n:
-        c = pattern[i]
-        if c == "\\":
-            text, i = _escape(pattern, i, in_class=False)
-            out.append(text)
-            continue
-        if c == "[":
-            text, i = _char_class(pattern, i)
-            out.append(text)
-            i = _quantifier(pattern, i, out)
-            continue
-        if c == "(":
-            i = _group(pattern, i, out, scopes)
-            continue
-        if c == ")":
-            if len(scopes) == 1:
-                raise PolicyError("unbalanced ')'")
-            out.append(")" * len(scopes.pop()))
-            out.append(")")
-            i = _quantifier(pattern, i + 1, out)
-            continue
-        if c == "|":
-            open_scopes = scopes[-1]
-            out.append(")" * len(open_scopes) + "|" + "".join(open_scopes))
-            i += 1
-            continue
-        if c in "*+?{":
-            i = _quantifier(pattern, i, out)
-            continue
-        out.append(c)
-        i = _quantifier(pattern, i + 1, out)
-    if len(scopes) != 1:
-        raise PolicyError("missing ')'")
-    out.append(")" * len(scopes[0]))
-    return "".join(out)
-
-
-def _quantifier(pattern: str, i: int, out: list[str]) -> int:
-    """Copy a repetition operator at ``i`` (if any); refuse possessive ones and counts
-    RE2 does not take."""
-    n = len(pattern)
-    if i >= n:
-        return i
-    c = pattern[i]
-    if c in "*+?":
-        out.append(c)
-        i += 1
-    elif c == "{":
-        m = re.match(r"\{(\d+)(,(\d*))?\}", pattern[i:])
-        if m is None:
-            out.append("\\{")  # RE2 and Python both take a non-repeat "{" literally
-            return i + 1
-        for number in (m.group(1), m.group(3)):
-            if number and int(number) > _MAX_REPEAT:
-                raise PolicyError(f"repeat count {m.group(0)} is over RE2's limit of 1000")
-        out.append(m.group(0))
-        i += m.end()
-    else:
-        return i
-    if i < n and pattern[i] == "?":
-        out.append("?")
-        i += 1
-    elif i < n and pattern[i] == "+":
-        raise PolicyError(f"possessive repeat {pattern[i - 1 : i + 1]!r} is not RE2 syntax")
-    return i
-
-
-def _group(pattern: str, i: int, out: list[str], scopes: list[list[str]]) -> int:
-    rest = pattern[i:]
-    if not rest.startswith("(?"):
-        out.append("(")
-        scopes.append([])
-        return i + 1
-    for prefix, what in (
-        ("(?=", "lookahead"),
-        ("(?!", "lookahead"),
-        ("(?<=", "lookbehind"),
-        ("(?<!", "lookbehind"),
-        ("(?>", "atomic groups"),
-        ("(?#", "comments"),
-        ("(?(", "conditionals"),
-        ("(?P=", "backreferences"),
-        ("(?P>", "recursion"),
-    ):
-        if rest.startswith(prefix):
-            raise PolicyError(f"{what} ({prefix}...) are not RE2 syntax")
-    m = re.match(r"\(\?P?<([A-Za-z_][A-Za-z0-9_]*)>", rest)
-    if m is not None:
-        out.append(f"(?P<{m.group(1)}>")
-        scopes.append([])
-        return i + m.end()
-    m = re.match(r"\(\?([A-Za-z]*)(?:-([A-Za-z]*))?([:)])", rest)
-    if m is None:
-        raise PolicyError(f"invalid or unsupported group syntax at {rest[:8]!r}")
-    on, off, end = m.group(1), m.group(2) or "", m.group(3)
-    for flag in on + off:
-        if flag == "U":
-            raise PolicyError("the ungreedy flag (?U) has no Python equivalent")
-        if flag not in "imsx":
-            raise PolicyError(f"unknown flag {flag!r} in {m.group(0)!r}")
-    flags = on + (f"-{off}" if off else "")
-    if end == ":":
-        out.append(f"(?{flags}:")
-        scopes.append([])
-    else:
-        # "(?i)" inside: from here to the end of the enclosing group (every later
-        # alternative too): a scoped group, closed and reopened around each "|".
-        opener = f"(?{flags}:"
-        out.append(opener)
-        scopes[-1].append(opener)
-    return i + m.end()
-
-
-def _escape(pattern: str, i: int, in_class: bool) -> tuple[str, int]:
-    if i + 1 >= len(pattern):
-        raise PolicyError("trailing backslash")
-    c = pattern[i + 1]
-    if c in _SIMPLE_ESCAPES:
-        return "\\" + c, i + 2
-    if c in _ASSERT_ESCAPES:
-        if in_class:
-            raise PolicyError(f"\\{c} is not allowed in a character class")
-        return _ASSERT_ESCAPES[c], i + 2
-    if c == "x":
-        m = re.match(r"\\x(?:\{([0-9A-Fa-f]{1,8})\}|([0-9A-Fa-f]{2}))", pattern[i:])
-        if m is None:
-            raise PolicyError(f"invalid escape {pattern[i : i + 4]!r}")
-        code = int(m.group(1) or m.group(2), 16)
-        if code > 0x10FFFF:
-            raise PolicyError(f"escape {m.group(0)!r} is beyond Unicode")
-        return f"\\U{code:08x}", i + m.end()
-    if c == "Q":
-        if in_class:
-            raise PolicyError("\\Q...\\E is not supported in a character class")
-        end = pattern.find("\\E", i + 2)
-        literal = pattern[i + 2 :] if end < 0 else pattern[i + 2 : end]
-        return re.escape(literal), (len(pattern) if end < 0 else end + 2)
-    if c in "pP":
-        raise PolicyError(f"Unicode classes (\\{c}...) are not supported by the gateway")
-    if c.isdigit():
-        raise PolicyError(f"\\{c}: backreferences and octal escapes are not RE2 syntax")
-    if c == "C":
-        raise PolicyError("\\C (any byte) is not supported")
-    if c.isascii() and c.isalnum():
-        raise PolicyError(f"unknown escape \\{c}")
-    return "\\" + c, i + 2  # an escaped punctuation character: itself
-
-
-def _char_class(pattern: str, i: int) -> tuple[str, int]:
-    """Translate the class starting at ``pattern[i] == "["``; returns (text, next index)."""
-    out = ["["]
-    i += 1
-    n = len(pattern)
-    if i < n and pattern[i] == "^":
-        out.append("^")
-        i += 1
-    first = True
-    prev = ""
-    while i < n:
-        c = pattern[i]
-        if c == "]" and not first:
-            out.append("]")
-            return "".join(out), i + 1
-        first = False
-        if c == "[" and pattern.startswith("[:", i):
-            end = pattern.find(":]", i + 2)
-            if end < 0:
-                raise PolicyError("unterminated [: in a character class")
-            name = pattern[i + 2 : end]
-            if name.startswith("^"):
-                raise PolicyError(f"negated POSIX class [:{name}:] is not supported")
-            if name not in _POSIX_CLASSES:
-                raise PolicyError(f"unknown POSIX class [:{name}:]")
-            out.append(_POSIX_CLASSES[name])
-            i, prev = end + 2, ""
-            continue
-        if c == "\\":
-            text, i = _escape(pattern, i, in_class=True)
-            out.append(text)
-            prev = ""
-            continue
-        if c in "[&~|" or (c == "-" and prev == "-"):
-            out.append("\\" + c)  # literal in RE2; Python would warn of a nested set
-        elif c == "]":
-            out.append("\\]")  # a leading "]" is literal in RE2
-        else:
-            out.append(c)
-        prev = c
-        i += 1
-    raise PolicyError("missing ] at the end of a character class")
+        return re2.compile(anchored, _RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else exc
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise PolicyError(f"invalid regex {regex!r}: {reason}") from None
