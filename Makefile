@@ -34,9 +34,10 @@ bench: $(STAMP)
 	@command -v wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)
 	$(PY) -m bench.run $(BENCH_ARGS)
 
-## bench-scale: Consul discovery at 1,000 services x 10 instances, 2 workers (figures vs targets)
+## bench-scale: Consul, then Kubernetes (Linkerd) discovery at 1,000 services x 10 instances, 2 workers (figures vs targets)
 bench-scale: $(STAMP)
 	$(PY) -m bench.scale
+	$(PY) -m bench.scale --mesh linkerd
 
 ## mutate: mutation testing (mutmut) of MODULES against the in-process suites
 MODULES ?= odin_gw.proxy odin_gw.passive_health odin_gw.admin odin_gw.edge_worker odin_gw.edge_reader \

@@ -1,9 +1,14 @@
-"""Odin scale benchmark: Consul discovery with many services.
+"""Odin scale benchmark: Consul (or Kubernetes) discovery with many services.
 
 Run from the repo root::
 
-    .venv/bin/python -m bench.scale [--services 1000] [--instances 10] [--workers 2]
+    .venv/bin/python -m bench.scale [--mesh consul|linkerd] [--services 1000]
+                                    [--instances 10] [--workers 2]
                                     [--window 10] [--load-seconds 12]
+
+``--mesh linkerd`` runs the same figures against the kube-apiserver stand-in with
+Linkerd ingress mode (``bench/scale_kube.py`` says how). What follows is the default,
+``--mesh consul``.
 
 Starts, all on 127.0.0.1 and each in its own process:
 
@@ -541,6 +546,7 @@ def report(rows: list[tuple[str, float | None, str, float, str]]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
+    p.add_argument("--mesh", choices=("consul", "linkerd"), default="consul")
     p.add_argument("--services", type=int, default=1000)
     p.add_argument("--instances", type=int, default=10)
     p.add_argument("--workers", type=int, default=2)
@@ -548,6 +554,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--load-seconds", type=float, default=12.0, help="seconds per p99 run")
     p.add_argument("--serve-consul", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--serve-kube", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--kubeconfig", default="", help=argparse.SUPPRESS)
     p.add_argument("--ports", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not (1 <= args.services <= 5000 and 2 <= args.instances <= 20 and 1 <= args.workers <= 8):
@@ -562,8 +570,16 @@ def main(argv: list[str] | None = None) -> int:
         return serve_consul(args.services, ports)
     if args.serve_upstream:
         return serve_upstream(ports)
+    if args.serve_kube:
+        from bench.scale_kube import serve_kube
+
+        return serve_kube(args.services, args.instances, args.kubeconfig)
 
     signal.signal(signal.SIGTERM, _raise_exit)
+    if args.mesh == "linkerd":
+        from bench.scale_kube import run
+
+        return run(args)
     print(
         f"Odin scale bench: {os.cpu_count()} CPU(s); {args.services} services x "
         f"{args.instances} instances on the Consul stand-in; gateway with {args.workers} "
