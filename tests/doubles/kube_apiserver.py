@@ -339,6 +339,17 @@ class KubeApiServerDouble(KubeObjects):
         with self.store.cond:
             self.api.forbidden.difference_update((rt.plural, v) for v in verbs)
 
+    def uninstall(self, resource: str | ResourceType, installed: bool = False) -> None:
+        """Serve ``resource`` as if its CRD were not installed (``installed=True`` undoes
+        it): every request for it gets the apiserver's 404 NotFound Status ("the server
+        could not find the requested resource"), lists and watches included."""
+        rt = resource_type(resource)
+        with self.store.cond:
+            if installed:
+                self.api.uninstalled.discard(rt.plural)
+            else:
+                self.api.uninstalled.add(rt.plural)
+
     def send_bookmarks(self) -> None:
         """Send a BOOKMARK now on every open watch that allowed bookmarks."""
         with self.store.cond:

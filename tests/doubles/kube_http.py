@@ -172,6 +172,7 @@ class KubeApi:
         self.watch_timeout = watch_timeout
         self.bookmark_interval = bookmark_interval
         self.forbidden: set[tuple[str, str]] = set()  # (plural, verb)
+        self.uninstalled: set[str] = set()  # plurals whose CRD is not installed
         self.hanging = False
         self.cut_gen = 0  # bumped by go_down/stop: open requests drop their connection
         self.bookmark_gen = 0  # bumped by send_bookmarks
@@ -228,6 +229,8 @@ class KubeApi:
         if rec.path == "/version":
             return self._reply(h, rec, _VERSION, 200)
         route = _route(rec.path)
+        if route is not None and route.rt.plural in self.uninstalled:
+            route = None  # a CRD that is not installed: the server serves no such resource
         if route is None:
             message = "the server could not find the requested resource"
             return self._reply(h, rec, status(404, "NotFound", message, {}))

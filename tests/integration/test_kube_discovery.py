@@ -189,6 +189,20 @@ def test_forbidden_kind_is_an_error_for_its_services_only(kube, tmp_path):
     assert "endpointslices.discovery.k8s.io in namespace shop" in message
 
 
+def test_without_the_service_profile_crd_services_are_found_with_their_annotations(kube, tmp_path):
+    seed_web(kube, **{"timeout.linkerd.io/request": "2s"})
+    kube.uninstall("serviceprofiles")  # Linkerd's CRDs are not in this cluster
+    found = discovery(kube, tmp_path).discover(["web", "gone"])
+    assert found.errors == {} and found.absent == {"gone"}
+    web = found.services["web"]
+    assert len(web.endpoints) == 2
+    assert json.loads(web.policy) == {
+        "profile": None,
+        "annotations": {"timeout.linkerd.io/request": "2s"},
+    }
+    assert kube.requests_matching("/apis/linkerd.io")  # it asked, and took 404 as "none"
+
+
 def test_refused_token_and_unreachable_server_say_so(kube, tmp_path):
     bad = kube.write_kubeconfig(tmp_path / "bad", "not-the-token")
     disc = KubernetesDiscovery(gateway_config(bad, WEB_ONLY))
