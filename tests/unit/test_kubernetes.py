@@ -492,3 +492,61 @@ def test_status_codes_come_from_answers_and_watch_error_events():
     gone = ApiError(status=Status(code=410, message="too old resource version: 5 (9)"))
     assert status_code(gone) == 410
     assert status_code(ValueError("x")) is None
+
+
+# -- mutation testing found these data rules unpinned ------------------------------------------
+
+
+def test_serving_is_read_when_given_and_follows_ready_when_not():
+    got = {
+        s.address: s
+        for s in slice_endpoints(
+            WEB,
+            [
+                eslice(
+                    endpoints=[
+                        ep("10.0.0.1", ready=False, serving=False, terminating=True),
+                        ep("10.0.0.2", ready=False, terminating=True),  # serving unset
+                        ep("10.0.0.3", ready=False, serving=True, terminating=True),
+                        ep("10.0.0.4"),  # no conditions: ready, so serving
+                    ]
+                )
+            ],
+        )
+    }
+    assert got["10.0.0.1"].status == "critical"  # terminating and no longer serving
+    assert got["10.0.0.2"].serving is False and got["10.0.0.2"].status == "critical"
+    assert got["10.0.0.3"].status == "draining"
+    assert got["10.0.0.4"].serving and got["10.0.0.4"].status == "passing"
+    assert [a for a, s in sorted(got.items()) if s.endpoint().healthy] == ["10.0.0.4"]
+
+
+def test_a_slice_without_a_usable_port_is_skipped_not_the_rest():
+    udp_only = EndpointSlice.from_dict(
+        {
+            "addressType": "IPv4",
+            "metadata": {"name": "web-udp", "namespace": "shop"},
+            "endpoints": [ep("10.0.0.9")],
+            "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}],
+        }
+    )
+    found = slice_endpoints(WEB, [udp_only, eslice(endpoints=[ep("10.0.0.1")])])
+    assert [(s.address, s.port) for s in found] == [("10.0.0.1", 8080)]
+
+
+@pytest.mark.parametrize("ready_first", [True, False])
+def test_an_address_in_two_slices_keeps_its_best_state_whatever_the_order(ready_first):
+    ready = eslice("web-a", endpoints=[ep("10.0.0.1", ready=True)])
+    gone = eslice("web-b", endpoints=[ep("10.0.0.1", ready=False, serving=False)])
+    slices = [ready, gone] if ready_first else [gone, ready]
+    (only,) = slice_endpoints(WEB, slices)
+    assert only.status == "passing" and only.ready
+
+
+def test_the_service_view_names_the_service_and_maps_the_port_by_the_services_name():
+    slices = [eslice(endpoints=[ep("10.0.0.1")], ports=(("metrics", 9090), ("http", 8080)))]
+    view = service_view(WEB, "web", slices, service(), None, source="linkerd")
+    assert view.name == "web" and view.source == "linkerd"
+    assert [(e.address, e.port) for e in view.endpoints] == [("10.0.0.1", 8080)]
+    bare = service_view(WEB, "web", slices, None, None, source="linkerd")
+    assert [e.port for e in bare.endpoints] == [9090]  # no Service: the first port

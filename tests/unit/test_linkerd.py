@@ -208,3 +208,17 @@ def test_the_deadline_follows_the_forwarders_timeout_when_a_profile_shortened_it
     inj.upstream(exchange, Endpoint(address="h", port=1), headers)
     start, deadline = (int(v) for v in headers["l5d-ctx-deadline"].split(" "))
     assert deadline - start == 300_000_000
+
+
+def test_a_debug_trace_is_debug_in_the_linkerd_1_encoding_too():
+    sent, _ = send(
+        LinkerdHeaders(cfg()),
+        "orders",
+        {
+            "HTTP_X_B3_TRACEID": "48485a3953bb6124",
+            "HTTP_X_B3_SPANID": "a2fb4a1d1a96d312",
+            "HTTP_X_B3_FLAGS": "1",
+        },
+    )
+    raw = base64.b64decode(sent["l5d-ctx-trace"])
+    assert int.from_bytes(raw[24:32], "big") == 7  # debug, sampling known, sampled

@@ -175,6 +175,21 @@ def test_a_symlink_in_place_of_the_file_is_not_followed(state_dir, tmp_path, cap
     assert "count per worker" in caplog.text
 
 
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660])
+def test_a_file_others_may_read_or_write_is_not_used(state_dir, caplog, mode):
+    # Another local user able to write the counts could refuse or free every retry.
+    loose = os.path.join(state_dir, "retry-budget-2x4.bin")
+    with open(loose, "wb") as fh:
+        fh.write(b"\0" * 64)
+    os.chmod(loose, mode)
+    store = BudgetStore(state_dir, slots=2, keys=4, clock=Clock())
+    with caplog.at_level(logging.WARNING, "odin_gw.retry_budget"):
+        store.budget("k", 1.0, 0, 10.0).deposit()
+    assert not store.shared
+    assert "not a private file of this user" in caplog.text
+    store.close()
+
+
 def test_a_state_dir_open_to_others_is_not_used(tmp_path):
     path = tmp_path / "open"
     path.mkdir(mode=0o755)

@@ -143,6 +143,52 @@ def test_response_classes_decide_failures_first_match_wins_5xx_otherwise():
     assert 404 not in statuses
 
 
+def test_response_classes_nest_default_to_not_failure_and_leave_5xx_failing():
+    classes = [
+        {"condition": {"status": {"min": 429, "max": 429}}, "isFailure": True},
+        # all: 500..509 and not 501 -> not failures (isFailure absent: false)
+        {
+            "condition": {
+                "all": [
+                    {"status": {"min": 500, "max": 509}},
+                    {"not": {"status": {"min": 501, "max": 501}}},
+                ]
+            }
+        },
+        {
+            "condition": {
+                "any": [{"status": {"min": 100, "max": 100}}, {"status": {"min": 418, "max": 418}}]
+            },
+            "isFailure": True,
+        },
+    ]
+    route = {"name": "a", "condition": {"method": "GET"}, "isRetryable": True}
+    route["responseClasses"] = classes
+    statuses = compiled({"routes": [route]}).match("GET", "/").retry_statuses
+    assert {429, 100, 418, 501, 510, 599} <= statuses  # 501 and 510+ fall to the 5xx rule
+    assert not {500, 505, 509, 499, 404, 200} & statuses
+    assert min(statuses) == 100 and max(statuses) == 599
+
+
+@pytest.mark.parametrize(
+    ("classes", "problem"),
+    [
+        ({"condition": {}}, "responseClasses: must be a list"),
+        (["x"], "responseClasses[0]: must be an object"),
+        ([{"isFailure": True}], "responseClasses[0].condition: a response class needs"),
+        (
+            [{"condition": {"status": {"min": 500}}, "isFailure": "yes"}],
+            "responseClasses[0].isFailure: must be true or false",
+        ),
+        ([{"condition": {"status": 500}}], "responseClasses[0].condition.status: must be an"),
+    ],
+)
+def test_bad_response_classes_are_named(classes, problem):
+    route = {"name": "a", "condition": {"method": "GET"}, "responseClasses": classes}
+    policy = compiled({"routes": [route]})
+    assert len(policy.errors) == 1 and problem in policy.errors[0], policy.errors
+
+
 def test_profile_wins_over_annotations_and_says_so():
     annotations = {"timeout.linkerd.io/request": "2s", "retry.linkerd.io/http": "5xx"}
     policy = compiled({"routes": ROUTES}, annotations)
