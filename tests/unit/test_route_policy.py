@@ -95,6 +95,36 @@ def test_all_any_not_nest_and_several_fields_must_all_match():
     assert compiled({"routes": [{"name": "r", "condition": {"all": []}}]}).match("GET", "/")
 
 
+def test_not_excludes_by_method_and_by_path():
+    by_method = compiled({"routes": [{"name": "r", "condition": {"not": {"method": "DELETE"}}}]})
+    assert by_method.match("GET", "/x") is not None and by_method.match("DELETE", "/x") is None
+    by_path = compiled({"routes": [{"name": "r", "condition": {"not": {"pathRegex": "/adm/.*"}}}]})
+    assert by_path.match("GET", "/x") is not None and by_path.match("GET", "/adm/1") is None
+
+
+@pytest.mark.parametrize(
+    ("budget", "ok"),
+    [
+        ({"retryRatio": 1000, "minRetriesPerSecond": 0, "ttl": "1s"}, True),
+        ({"retryRatio": 0.2, "minRetriesPerSecond": 2**31 - 1, "ttl": "60s"}, True),
+        ({"retryRatio": 1000.5, "ttl": "10s"}, False),
+        ({"retryRatio": -0.1, "ttl": "10s"}, False),
+        ({"retryRatio": True, "ttl": "10s"}, False),
+        ({"minRetriesPerSecond": 2**31, "ttl": "10s"}, False),
+        ({"minRetriesPerSecond": 1.5, "ttl": "10s"}, False),
+        ({"ttl": "999ms"}, False),
+        ({"ttl": "61s"}, False),
+        ({"retryRatio": 0.2}, False),
+    ],
+)
+def test_retry_budget_bounds_as_the_proxy_takes_them(budget, ok):
+    route = {"name": "a", "condition": {"method": "GET"}, "isRetryable": True}
+    policy = compiled({"routes": [route], "retryBudget": budget})
+    assert (policy.errors == []) is ok, policy.errors
+    if not ok:
+        assert "retryBudget" in policy.errors[0]
+
+
 # -- what a route carries --------------------------------------------------------------------
 
 
