@@ -69,7 +69,7 @@ def mesh_services(config: GatewayConfig) -> dict[str, MeshService]:
     """The Istio clusters of the configured services, by mesh service name (the first
     service naming a mesh service decides its port and account)."""
     from .cluster_names import cluster_services
-    from .xds import cluster_name
+    from .xds_decode import cluster_name
 
     out: dict[str, MeshService] = {}
     for name, cs in cluster_services(config).items():

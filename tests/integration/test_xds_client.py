@@ -17,14 +17,8 @@ import pytest
 
 from odin_gw.config.model import MeshConfig
 from odin_gw.errors import MeshError
-from odin_gw.mesh.xds import (
-    CLUSTER_TYPE,
-    ENDPOINT_TYPE,
-    AdsClient,
-    Backoff,
-    XdsState,
-    cluster_name,
-)
+from odin_gw.mesh.xds import AdsClient, Backoff
+from odin_gw.mesh.xds_decode import CLUSTER_TYPE, ENDPOINT_TYPE, XdsState, cluster_name
 from odin_gw.mesh.xds_node import NodeIdentity
 from tests.doubles.istiod import EdsEndpoint, IstiodDouble
 from tests.doubles.pki import CertificateAuthority

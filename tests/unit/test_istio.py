@@ -7,7 +7,7 @@ import pytest
 
 from odin_gw.config import parse_config
 from odin_gw.mesh.istio import IstioClient, mesh_services
-from odin_gw.mesh.xds import XdsCluster, XdsEndpoint, XdsState
+from odin_gw.mesh.xds_decode import XdsCluster, XdsEndpoint, XdsState
 
 HOST = "web.shop.svc.cluster.local"
 CLUSTER = f"outbound|8080||{HOST}"

@@ -22,23 +22,19 @@ from google.protobuf import any_pb2, struct_pb2, wrappers_pb2
 
 from odin_gw.config.model import MeshConfig
 from odin_gw.errors import MeshError
-from odin_gw.mesh.xds import (
+from odin_gw.mesh.xds import AdsClient, Backoff, StreamLost, _scrub
+from odin_gw.mesh.xds_decode import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
-    AdsClient,
-    AdsProtocol,
-    Backoff,
     Rejected,
-    StreamLost,
     XdsCluster,
     XdsEndpoint,
-    _scrub,
     cluster_name,
     decode_clusters,
     decode_endpoints,
-    node_message,
 )
 from odin_gw.mesh.xds_node import NodeIdentity, PilotTarget, read_ca, read_token
+from odin_gw.mesh.xds_protocol import AdsProtocol, node_message
 
 WEB = "web.default.svc.cluster.local"
 WEB_80 = "outbound|80||web.default.svc.cluster.local"
