@@ -657,37 +657,12 @@ def measure(args, tmp: Path, children: list, consul: Piped, consul_url: str, por
         f"{REFRESH_INTERVAL:g} s)"
     )
 
-    # 2. idle
-    before = per_process([*pids, consul.pid])
-    time.sleep(args.window)
-    idle_split = window_split(before, per_process([*pids, consul.pid]), args.window)
-    idle = sum(v for k, v in idle_split.items() if k != consul.pid)
-
-    # 3. churn: one instance flapping 4 times a second
-    flapping = f"{service_name(n // 2)}-3"
-    before = per_process([*pids, consul.pid])
-    consul.command(f"flap {flapping} {FLAP_RATE} {args.window}")
-    time.sleep(args.window)
-    churn_split = window_split(before, per_process([*pids, consul.pid]), args.window)
-    churn = sum(v for k, v in churn_split.items() if k != consul.pid)
-    consul.command("wait", timeout=args.window + 10)
-    leader = leader_pid(port)
-    for label, split in (("idle", idle_split), ("4 changes/s", churn_split)):
-        parts = ", ".join(
-            f"{'stand-in' if pid == consul.pid else 'leader' if pid == leader else pid} {core:.3f}"
-            for pid, core in split.items()
-        )
-        print(f"CPU cores {label}: {parts}")
-
-    # 4. p99 quiet, then during churn (after a full pass: none falls inside)
-    refresh(port)
-    time.sleep(4.0)
-    quiet = paced_load(port, n, args.load_seconds)
-    consul.command(f"flap {flapping} {FLAP_RATE} {args.load_seconds + 1}")
-    churned = paced_load(port, n, args.load_seconds)
-    consul.command("wait", timeout=args.load_seconds + 10)
-    p99_quiet = _percentile(quiet, 99) if quiet else None
-    p99_churn = _percentile(churned, 99) if churned else None
+    # 2. and 3. idle, then one instance flapping 4 times a second
+    idle, churn, leader = cpu_windows(consul, pids, port, args.window, f"{service_name(n // 2)}-3")
+    # 4. p99 quiet, then during churn
+    quiet, churned = latency_under_churn(
+        consul, port, n, f"{service_name(n // 2)}-3", args.load_seconds
+    )
 
     # 5. a change routable: the one healthy instance goes, another comes back
     target = service_name(n - 1)
@@ -701,12 +676,78 @@ def measure(args, tmp: Path, children: list, consul: Piped, consul_url: str, por
         consul.command(f"set {target}-0 critical")
         change_s = wait_for_port(holder, port, f"/{target}/x", ports[1], t0, 10.0)
 
-    # 6. threads
+    # 6. threads, then the table
+    final_report(
+        gw,
+        leader,
+        (quiet, churned),
+        (idle, churn, full_pass),
+        ("every service routable after start", routable_s, startup_cpu),
+        ("a change routable after", change_s),
+    )
+    return 0
+
+
+def cpu_windows(
+    stand_in: Piped, pids: list[int], port: int, window: float, flapping: str
+) -> tuple[float, float, int | None]:
+    """Figures 2 and 3: the gateway's CPU (cores) over ``window`` seconds idle, then
+    while the stand-in flaps ``flapping`` 4 times a second; prints each process's share.
+    Returns (idle, churn, the leader's pid)."""
+    watched = [*pids, stand_in.pid]
+    before = per_process(watched)
+    time.sleep(window)
+    idle_split = window_split(before, per_process(watched), window)
+    before = per_process(watched)
+    stand_in.command(f"flap {flapping} {FLAP_RATE} {window}")
+    time.sleep(window)
+    churn_split = window_split(before, per_process(watched), window)
+    stand_in.command("wait", timeout=window + 10)
+    leader = leader_pid(port)
+    for label, split in (("idle", idle_split), ("4 changes/s", churn_split)):
+        parts = ", ".join(
+            f"{'stand-in' if pid == stand_in.pid else 'leader' if pid == leader else pid} "
+            f"{core:.3f}"
+            for pid, core in split.items()
+        )
+        print(f"CPU cores {label}: {parts}")
+    idle = sum(v for pid, v in idle_split.items() if pid != stand_in.pid)
+    churn = sum(v for pid, v in churn_split.items() if pid != stand_in.pid)
+    return idle, churn, leader
+
+
+def latency_under_churn(
+    stand_in: Piped, port: int, services: int, flapping: str, seconds: float
+) -> tuple[list[float], list[float]]:
+    """Figure 4: request latencies (ms) under a paced load, quiet and then while
+    ``flapping`` flaps; after a full pass, so that none falls inside."""
+    refresh(port)
+    time.sleep(4.0)
+    quiet = paced_load(port, services, seconds)
+    stand_in.command(f"flap {flapping} {FLAP_RATE} {seconds + 1}")
+    churned = paced_load(port, services, seconds)
+    stand_in.command("wait", timeout=seconds + 10)
+    return quiet, churned
+
+
+def final_report(
+    gw: Child,
+    leader: int | None,
+    latencies: tuple[list[float], list[float]],
+    cpu: tuple[float, float, float],
+    startup: tuple[str, float | None, float],
+    change: tuple[str, float | None],
+) -> None:
+    """Figure 6 (threads of the leader and a follower), the details, and the table.
+
+    ``cpu`` is (idle, churn, one full pass's CPU-s): the table spreads the full pass over
+    its interval. ``startup`` is (label, seconds, CPU-s); ``change`` (label, seconds)."""
+    quiet, churned = latencies
+    idle, churn, full_pass = cpu
     workers = gw.worker_pids()
     lead_threads = threads_of(leader) if leader in workers else None
     followers = [threads_of(p) for p in workers if p != leader]
     follow_threads = min(followers) if followers else None
-
     print(
         f"leader pid {leader}: {lead_threads} threads; a follower: {follow_threads} threads "
         f"(both serve requests with 8 gthread threads)"
@@ -721,22 +762,23 @@ def measure(args, tmp: Path, children: list, consul: Piped, consul_url: str, por
         f"CPU between full passes: idle {idle:.3f} core, 4 changes/s {churn:.3f} core; "
         f"the table adds the full pass spread over its {REFRESH_INTERVAL:g} s interval"
     )
+    p99_quiet = _percentile(quiet, 99) if quiet else None
+    p99_churn = _percentile(churned, 99) if churned else None
     ratio = p99_churn / p99_quiet if p99_quiet and p99_churn else None
     extra = None
     if lead_threads is not None and follow_threads is not None:
         extra = float(lead_threads - follow_threads)
     report(
         [
-            ("every service routable after start", routable_s, ".2f", TARGET_ROUTABLE_S, " s"),
-            ("CPU until then, all gateway processes", startup_cpu, ".2f", TARGET_STARTUP_CPU, " s"),
+            (startup[0], startup[1], ".2f", TARGET_ROUTABLE_S, " s"),
+            ("CPU until then, all gateway processes", startup[2], ".2f", TARGET_STARTUP_CPU, " s"),
             ("idle CPU (nothing changing)", idle + amortized, ".3f", TARGET_IDLE_CORE, " core"),
             ("CPU with 4 changes/s", churn + amortized, ".3f", TARGET_CHURN_CORE, " core"),
             ("request p99 during churn / quiet", ratio, ".2f", TARGET_P99_RATIO, "x"),
-            ("a change routable after", change_s, ".2f", TARGET_CHANGE_S, " s"),
+            (change[0], change[1], ".2f", TARGET_CHANGE_S, " s"),
             ("discovery threads (leader - follower)", extra, ".0f", TARGET_THREADS, ""),
         ]
     )
-    return 0
 
 
 def wait_for_port(

@@ -55,7 +55,6 @@ from bench.run import (
     REPO,
     Child,
     StartupError,
-    _percentile,
     child_env,
     free_port,
     gunicorn_cmd,
@@ -65,26 +64,16 @@ from bench.scale import (
     FLAP_RATE,
     REFRESH_INTERVAL,
     STARTUP_LIMIT,
-    TARGET_CHANGE_S,
-    TARGET_CHURN_CORE,
-    TARGET_IDLE_CORE,
-    TARGET_P99_RATIO,
-    TARGET_ROUTABLE_S,
-    TARGET_STARTUP_CPU,
-    TARGET_THREADS,
     Piped,
     _fmt,
     cpu_seconds,
+    cpu_windows,
+    final_report,
     gateway_pids,
-    leader_pid,
-    paced_load,
-    per_process,
+    latency_under_churn,
     refresh,
-    report,
     request,
     service_name,
-    threads_of,
-    window_split,
 )
 
 NAMESPACE = "shop"
@@ -446,45 +435,19 @@ def measure(args, tmp: Path, children: list, kube: Piped, kubeconfig: Path, upst
         f"{REFRESH_INTERVAL:g} s){done}"
     )
 
-    # 2. idle
-    watched = [*pids, kube.pid]
-    before = per_process(watched)
-    time.sleep(args.window)
-    idle_split = window_split(before, per_process(watched), args.window)
-    idle = sum(v for pid, v in idle_split.items() if pid != kube.pid)
-
-    # 3. churn: one endpoint's ready condition flipping 4 times a second
+    # 2. and 3. idle, then one endpoint's ready condition flipping 4 times a second
     flapping = f"{n // 2} {min(3, k - 1)}"
     version_before = snapshot_version(reader)
-    before = per_process(watched)
-    kube.command(f"flap {flapping} {FLAP_RATE} {args.window}")
-    time.sleep(args.window)
-    churn_split = window_split(before, per_process(watched), args.window)
-    churn = sum(v for pid, v in churn_split.items() if pid != kube.pid)
-    kube.command("wait", timeout=args.window + 10)
+    idle, churn, leader = cpu_windows(kube, pids, port, args.window, flapping)
     version_after = snapshot_version(reader)
     if version_before is not None and version_after is not None:
         print(
             f"snapshots published while flapping: {version_after - version_before} "
             f"(~{FLAP_RATE * args.window:.0f} changes made)"
         )
-    leader = leader_pid(port)
-    for label, split in (("idle", idle_split), ("4 changes/s", churn_split)):
-        parts = ", ".join(
-            f"{'stand-in' if pid == kube.pid else 'leader' if pid == leader else pid} {core:.3f}"
-            for pid, core in split.items()
-        )
-        print(f"CPU cores {label}: {parts}")
 
-    # 4. p99 quiet, then while the endpoint flips (after a full pass: none falls inside)
-    refresh(port)
-    time.sleep(4.0)
-    quiet = paced_load(port, n, args.load_seconds)
-    kube.command(f"flap {flapping} {FLAP_RATE} {args.load_seconds + 1}")
-    churned = paced_load(port, n, args.load_seconds)
-    kube.command("wait", timeout=args.load_seconds + 10)
-    p99_quiet = _percentile(quiet, 99) if quiet else None
-    p99_churn = _percentile(churned, 99) if churned else None
+    # 4. p99 quiet, then while the endpoint flips
+    quiet, churned = latency_under_churn(kube, port, n, flapping, args.load_seconds)
 
     # 5. a slice change shown by both workers
     change_s, took = change_shown(gw, port, kube, n)
@@ -494,39 +457,13 @@ def measure(args, tmp: Path, children: list, kube: Piped, kubeconfig: Path, upst
             f"(p50), {max(took) * 1000:.0f} ms (max): figure 5 includes up to one poll"
         )
 
-    # 6. threads
-    workers = gw.worker_pids()
-    lead_threads = threads_of(leader) if leader in workers else None
-    followers = [threads_of(p) for p in workers if p != leader]
-    follow_threads = min(followers) if followers else None
-
-    print(
-        f"leader pid {leader}: {lead_threads} threads; a follower: {follow_threads} threads "
-        f"(both serve requests with 8 gthread threads)"
-    )
-    print(
-        f"request latency ms: quiet p50 {_fmt(quiet, 50)} p99 {_fmt(quiet, 99)}; "
-        f"while flipping p50 {_fmt(churned, 50)} p99 {_fmt(churned, 99)} "
-        f"({len(quiet)} and {len(churned)} requests)"
-    )
-    amortized = full_pass / REFRESH_INTERVAL
-    print(
-        f"CPU between full passes: idle {idle:.3f} core, 4 changes/s {churn:.3f} core; "
-        f"the table adds the full pass spread over its {REFRESH_INTERVAL:g} s interval"
-    )
-    ratio = p99_churn / p99_quiet if p99_quiet and p99_churn else None
-    extra = None
-    if lead_threads is not None and follow_threads is not None:
-        extra = float(lead_threads - follow_threads)
-    report(
-        [
-            ("every service complete in the snapshot", complete_s, ".2f", TARGET_ROUTABLE_S, " s"),
-            ("CPU until then, all gateway processes", startup_cpu, ".2f", TARGET_STARTUP_CPU, " s"),
-            ("idle CPU (nothing changing)", idle + amortized, ".3f", TARGET_IDLE_CORE, " core"),
-            ("CPU with 4 changes/s", churn + amortized, ".3f", TARGET_CHURN_CORE, " core"),
-            ("request p99 during churn / quiet", ratio, ".2f", TARGET_P99_RATIO, "x"),
-            ("a slice change on both workers after", change_s, ".2f", TARGET_CHANGE_S, " s"),
-            ("discovery threads (leader - follower)", extra, ".0f", TARGET_THREADS, ""),
-        ]
+    # 6. threads, then the table
+    final_report(
+        gw,
+        leader,
+        (quiet, churned),
+        (idle, churn, full_pass),
+        ("every service complete in the snapshot", complete_s, startup_cpu),
+        ("a slice change on both workers after", change_s),
     )
     return 0
