@@ -101,6 +101,7 @@ def build_config(
         admin=loaded["admin"],
         services=tuple(loaded["services"]),
         service_mesh=loaded["service_mesh"],
+        rate_limit=loaded["rate_limit"],
         raw=expanded,
         notices=notices,
     )

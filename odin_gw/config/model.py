@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .traffic import (
+    CircuitBreakerConfig,
+    GatewayRateLimitConfig,
+    GroupConfig,
+    HealthCheckConfig,
+    RateLimitConfig,
+    RetryPolicyConfig,
+    RuleConfig,
+    SplitConfig,
+)
+
 SECRET_KEYS = frozenset({"token", "password", "secret", "authorization"})
 
 
@@ -27,6 +38,8 @@ class ServerConfig:
     buffer_body: int = 64 * 1024
     min_body_rate: int = 240
     min_body_rate_grace: float = 5.0
+    #: Upgraded connections (WebSocket tunnels) open at once in one worker.
+    max_tunnels: int = 16
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,10 @@ class PassiveHealthConfig:
     consecutive_failures: int = 2
     eject_for: float = 5.0
     max_eject_for: float = 60.0
+    #: 502/503/504 answers in a row that eject an endpoint (0: answers never eject).
+    consecutive_5xx: int = 0
+    #: Never more than this share of a service's endpoints ejected at once (one always may).
+    max_ejection_percent: float = 50.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,24 @@ class ServiceConfig:
     #: Linkerd / Kubernetes discovery: the service's namespace (default
     #: ``serviceMesh.namespace``).
     namespace: str | None = None
+    # -- traffic management (odin_gw/config/traffic.py) --
+    #: Bound on each attempt (the route's ``timeout`` bounds them all).
+    try_timeout: float | None = None
+    retry_policy: RetryPolicyConfig = field(default_factory=RetryPolicyConfig)
+    groups: tuple[GroupConfig, ...] = ()
+    rules: tuple[RuleConfig, ...] = ()
+    split: SplitConfig | None = None
+    circuit_breaker: CircuitBreakerConfig | None = None
+    #: Percent of healthy endpoints below which all are used (0: only when none is
+    #: healthy; ``None``: never).
+    panic_threshold: float | None = 0.0
+    health_check: HealthCheckConfig | None = None
+    rate_limit: RateLimitConfig | None = None
+    #: ``Upgrade`` tokens (lower case) proxied as tunnels, e.g. ``websocket``.
+    upgrades: frozenset[str] = frozenset()
+    tunnel_idle_timeout: float = 300.0
+    #: For a backend group's derived service: ``(service, group)``; else ``None``.
+    group_of: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -232,8 +267,22 @@ class GatewayConfig:
     admin: AdminConfig = field(default_factory=AdminConfig)
     services: tuple[ServiceConfig, ...] = ()
     service_mesh: MeshConfig = field(default_factory=MeshConfig)
+    rate_limit: GatewayRateLimitConfig = field(default_factory=GatewayRateLimitConfig)
+    #: Every service traffic can reach: ``services`` then each backend group as a
+    #: derived service named ``<service>/<group>`` (discovered and balanced like one).
+    backends: tuple[ServiceConfig, ...] = ()
     raw: dict = field(default_factory=dict, compare=False, repr=False)
     notices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.backends:
+            object.__setattr__(self, "backends", self.services + group_services(self.services))
+
+    @property
+    def discovered(self) -> tuple[ServiceConfig, ...]:
+        """The services whose instances the mesh is asked for: every backend but the
+        backend groups given as static targets."""
+        return tuple(b for b in self.backends if b.group_of is None or not b.targets)
 
     def reserved_paths(self) -> tuple[str, ...]:
         """Paths the gateway answers itself; no service may live under them."""
@@ -246,12 +295,49 @@ class GatewayConfig:
         return _redact(self.raw)
 
 
+def group_services(services: tuple[ServiceConfig, ...]) -> tuple[ServiceConfig, ...]:
+    """A derived service per backend group: the parent's settings with the group's
+    targets or mesh service (and its load balancing when it gives one)."""
+    from dataclasses import replace
+
+    out = []
+    for svc in services:
+        for group in svc.groups:
+            out.append(
+                replace(
+                    svc,
+                    name=f"{svc.name}/{group.name}",
+                    targets=group.targets,
+                    # A static group is never looked up in the mesh.
+                    mesh_service=group.mesh_service or f"{svc.name}/{group.name}",
+                    load_balancing=group.load_balancing or svc.load_balancing,
+                    groups=(),
+                    rules=(),
+                    split=None,
+                    rate_limit=None,
+                    health_check=svc.health_check,
+                    group_of=(svc.name, group.name),
+                )
+            )
+    return tuple(out)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its user-info (``redis://:password@host``) replaced by ``<redacted>``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return url
+    return f"{scheme}://<redacted>@{rest.split('@', 1)[1]}"
+
+
 def _redact(tree: object) -> object:
     if isinstance(tree, dict):
         out = {}
         for key, value in tree.items():
             if str(key).lower() in SECRET_KEYS and value not in (None, ""):
                 out[key] = "<redacted>"
+            elif str(key) == "storage" and isinstance(value, str) and "@" in value:
+                out[key] = redact_url(value)
             elif str(key) == "headers" and isinstance(value, dict):
                 out[key] = {
                     h: ("<redacted>" if h.lower() in SECRET_KEYS else v) for h, v in value.items()

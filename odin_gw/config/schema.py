@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 from marshmallow import (
-    RAISE,
-    Schema,
     ValidationError,
     fields,
     post_load,
@@ -17,7 +16,21 @@ from marshmallow import (
 )
 
 from . import model
-from .durations import parse_duration
+from .fields import Duration, Section, Size, bad_value_char, is_token
+from .traffic import (
+    CircuitBreakerSchema,
+    GatewayRateLimitConfig,
+    GatewayRateLimitSchema,
+    GroupConfig,
+    GroupSchema,
+    HealthCheckSchema,
+    PanicThreshold,
+    RateLimitSchema,
+    RetryPolicyConfig,
+    RetryPolicySchema,
+    RuleSchema,
+    SplitSchema,
+)
 
 LOAD_BALANCING = ("round-robin", "random", "weighted", "least-request")
 MESH_TYPES = ("istio", "linkerd", "consul", "none")
@@ -30,23 +43,6 @@ NAMESPACE = validate.Regexp(
     r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z",
     error="must be a Kubernetes namespace name (lower-case letters, digits, '-'; at most 63)",
 )
-
-
-class Duration(fields.Field):
-    """A duration in seconds; see :func:`parse_duration` for the accepted forms."""
-
-    def __init__(self, *, positive: bool = True, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.positive = positive
-
-    def _deserialize(self, value, attr, data, **kwargs) -> float:
-        try:
-            seconds = parse_duration(value)
-        except ValueError as exc:
-            raise ValidationError(str(exc)) from exc
-        if self.positive and seconds <= 0:
-            raise ValidationError("must be greater than zero")
-        return seconds
 
 
 class TargetField(fields.Field):
@@ -65,32 +61,6 @@ class TargetField(fields.Field):
         if not isinstance(value, str):
             raise ValidationError("must be a URL such as http://10.0.0.5:8080")
         return parse_target(value, weight)
-
-
-class Size(fields.Field):
-    """A size in bytes: a whole number, or ``64KiB``, ``1MiB``, ``512k``, ``2m``."""
-
-    _UNITS = {
-        "": 1,
-        "b": 1,
-        "k": 1024,
-        "kb": 1024,
-        "kib": 1024,
-        "m": 1 << 20,
-        "mb": 1 << 20,
-        "mib": 1 << 20,
-    }
-
-    def _deserialize(self, value, attr, data, **kwargs) -> int:
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-        if isinstance(value, str):
-            text = value.strip().lower()
-            num = text.rstrip("kmibB")
-            unit = text[len(num) :].strip()
-            if num.strip().isdigit() and unit in self._UNITS:
-                return int(num) * self._UNITS[unit]
-        raise ValidationError(f"not a size: {value!r} (use bytes, or e.g. 64KiB, 1MiB)")
 
 
 class Network(fields.Field):
@@ -145,6 +115,14 @@ def parse_upstream(value: object) -> tuple[str, int]:
     return str(address), int(port_text)
 
 
+def parse_group_target(value: object, where: str) -> model.Target:
+    """A group's target: a URL or ``{url, weight}``, as a service's."""
+    try:
+        return TargetField().deserialize(value)
+    except ValidationError as exc:
+        raise ValidationError(f"{where}.targets: {exc.messages[0]}") from None
+
+
 def parse_target(url: str, weight: int = 1) -> model.Target:
     """Parse and check one target URL; raises ``ValidationError`` saying what is wrong."""
     try:
@@ -163,11 +141,6 @@ def parse_target(url: str, weight: int = 1) -> model.Target:
     if port is None:
         port = 443 if parts.scheme == "https" else 80
     return model.Target(url=url, scheme=parts.scheme, host=parts.hostname, port=port, weight=weight)
-
-
-class Section(Schema):
-    class Meta:
-        unknown = RAISE
 
 
 class ServerSchema(Section):
@@ -193,6 +166,9 @@ class ServerSchema(Section):
         data_key="minBodyRate", load_default=240, validate=validate.Range(0, 1 << 30)
     )
     min_body_rate_grace = Duration(data_key="minBodyRateGrace", load_default=5.0, positive=False)
+    max_tunnels = fields.Integer(
+        data_key="maxTunnels", load_default=16, validate=validate.Range(0, 10000)
+    )
 
     @post_load
     def build(self, data, **kwargs):
@@ -236,6 +212,12 @@ class PassiveHealthSchema(Section):
     )
     eject_for = Duration(data_key="ejectFor", load_default=5.0)
     max_eject_for = Duration(data_key="maxEjectFor", load_default=60.0)
+    consecutive_5xx = fields.Integer(
+        data_key="consecutive5xx", load_default=0, validate=validate.Range(0, 1000)
+    )
+    max_ejection_percent = fields.Float(
+        data_key="maxEjectionPercent", load_default=50.0, validate=validate.Range(0, 100)
+    )
 
     @post_load
     def build(self, data, **kwargs):
@@ -281,6 +263,67 @@ class ServiceSchema(Section):
     identity = fields.String(load_default=None, allow_none=True, validate=SERVICE_NAME)
     # Linkerd / Kubernetes discovery: the service's namespace.
     namespace = fields.String(load_default=None, allow_none=True, validate=NAMESPACE)
+    # Traffic management (odin_gw/config/traffic.py).
+    try_timeout = Duration(data_key="tryTimeout", load_default=None, allow_none=True)
+    retry_policy = fields.Nested(RetryPolicySchema, data_key="retryPolicy", load_default=None)
+    groups = fields.Dict(
+        keys=fields.String(validate=SERVICE_NAME),
+        values=fields.Nested(GroupSchema),
+        load_default=dict,
+    )
+    rules = fields.List(fields.Nested(RuleSchema), load_default=list)
+    split = fields.Nested(SplitSchema, load_default=None)
+    circuit_breaker = fields.Nested(
+        CircuitBreakerSchema, data_key="circuitBreaker", load_default=None
+    )
+    panic_threshold = PanicThreshold(data_key="panicThreshold", load_default=0.0)
+    health_check = fields.Nested(HealthCheckSchema, data_key="healthCheck", load_default=None)
+    rate_limit = fields.Nested(RateLimitSchema, data_key="rateLimit", load_default=None)
+    upgrades = fields.List(fields.String(), load_default=list)
+    tunnel_idle_timeout = Duration(data_key="tunnelIdleTimeout", load_default=300.0)
+
+    @validates_schema
+    def check_traffic(self, data, **kwargs):
+        groups = data.get("groups") or {}
+        if "default" in groups:
+            raise ValidationError(
+                "'default' is the service's own targets: pick another name", "groups"
+            )
+        known = {"default", *groups}
+        for i, rule in enumerate(data.get("rules") or ()):
+            if rule.group is not None and rule.group not in known:
+                raise ValidationError(
+                    f"rules[{i}].group {rule.group!r} is not a group of this service "
+                    f"(known: {', '.join(sorted(known))})",
+                    "rules",
+                )
+        split = data.get("split")
+        if split is not None:
+            for name, _ in split.weights:
+                if name not in known:
+                    raise ValidationError(
+                        f"split group {name!r} is not a group of this service "
+                        f"(known: {', '.join(sorted(known))})",
+                        "split",
+                    )
+            for value, name in split.override_values:
+                if name not in known:
+                    raise ValidationError(
+                        f"override value {value!r} names {name!r}, not a group of this service",
+                        "split",
+                    )
+        for token in data.get("upgrades") or ():
+            if not is_token(token) or token.lower() == "h2c":
+                raise ValidationError(
+                    f"{token!r}: an Upgrade protocol token such as websocket (h2c is not "
+                    "tunnelled)",
+                    "upgrades",
+                )
+        policy = data.get("retry_policy")
+        tt, total = data.get("try_timeout"), data.get("timeout")
+        if tt is not None and total is not None and tt > total:
+            raise ValidationError("tryTimeout must not be longer than timeout", "tryTimeout")
+        del policy
 
     @validates_schema
     def check(self, data, **kwargs):
@@ -290,7 +333,7 @@ class ServiceSchema(Section):
             if problems:
                 raise ValidationError(problems, "basePath")
         for name, value in (data.get("headers") or {}).items():
-            if not _is_token(name):
+            if not is_token(name):
                 raise ValidationError(
                     f"{name!r} is not a valid header name (RFC 9110 token: ASCII letters, "
                     "digits and !#$%&'*+-.^_`|~)",
@@ -298,7 +341,7 @@ class ServiceSchema(Section):
                 )
             if any(c in value for c in "\r\n\0"):
                 raise ValidationError(f"value of {name} contains CR, LF or NUL", "headers")
-            bad = _bad_value_char(value)
+            bad = bad_value_char(value)
             if bad is not None:
                 raise ValidationError(
                     f"value of {name} contains {bad!r}: header values are sent as Latin-1 "
@@ -311,6 +354,19 @@ class ServiceSchema(Section):
         data["base_path"] = _normalize_base(data["base_path"])
         data["targets"] = tuple(data["targets"])
         data["headers"] = tuple(data["headers"].items())
+        data["groups"] = tuple(
+            GroupConfig(
+                name=name,
+                mesh_service=g.get("mesh_service"),
+                targets=tuple(parse_group_target(t, f"groups.{name}") for t in g["targets"]),
+                load_balancing=g.get("load_balancing"),
+            )
+            for name, g in data["groups"].items()
+        )
+        data["rules"] = tuple(replace(r, index=i) for i, r in enumerate(data["rules"]))
+        if data["retry_policy"] is None:
+            data["retry_policy"] = RetryPolicyConfig()
+        data["upgrades"] = frozenset(u.lower() for u in data["upgrades"])
         return model.ServiceConfig(**data)
 
 
@@ -526,6 +582,9 @@ class GatewaySchema(Section):
     admin = fields.Nested(AdminSchema, load_default=model.AdminConfig)
     services = fields.List(fields.Nested(ServiceSchema), load_default=list)
     service_mesh = fields.Nested(MeshSchema, data_key="serviceMesh", load_default=model.MeshConfig)
+    rate_limit = fields.Nested(
+        GatewayRateLimitSchema, data_key="rateLimit", load_default=GatewayRateLimitConfig
+    )
 
     @validates_schema(skip_on_field_errors=False, pass_original=True)
     def check_services(self, data, original, **kwargs):
@@ -651,23 +710,6 @@ class GatewaySchema(Section):
 
 
 # RFC 9110 section 5.6.2 tchar; str.isalnum() would also accept non-ASCII letters.
-_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-
-
-def _is_token(name: str) -> bool:
-    return bool(name) and all(c in _TCHAR for c in name)
-
-
-def _bad_value_char(value: str) -> str | None:
-    """The first character http.client could not send (not Latin-1) or that RFC 9110
-    forbids in a field value (controls other than tab, DEL)."""
-    for c in value:
-        code = ord(c)
-        if code > 0xFF or code == 0x7F or (code < 0x20 and c != "\t"):
-            return c
-    return None
-
-
 def _base_path_problems(base: str) -> list[str]:
     if not base.startswith("/"):
         return ["must start with /"]

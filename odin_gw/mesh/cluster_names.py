@@ -53,6 +53,6 @@ def cluster_services(config: GatewayConfig) -> dict[str, ClusterService]:
     """Every configured service's Kubernetes Service, by mesh service name (the key
     snapshots use); the first service naming a mesh service decides its port."""
     out: dict[str, ClusterService] = {}
-    for svc in config.services:
+    for svc in config.discovered:
         out.setdefault(svc.mesh_service or svc.name, cluster_service(svc, config))
     return out

@@ -44,7 +44,7 @@ def describe(config: GatewayConfig) -> str:
     from ..routing import sidecar_endpoint
 
     parts = []
-    for svc in config.services:
+    for svc in config.backends:
         ep = sidecar_endpoint(svc, config)
         if ep is not None:
             parts.append(f"{svc.name} -> http://{ep.host_header}")

@@ -214,7 +214,7 @@ def injectors_for(config) -> list[MeshHeaders]:
             )
         return [ConsulHeaders(mesh.consul)]
     if mesh.kind == "istio":  # sidecar and direct mode alike
-        return [IstioHeaders(mesh, config.services)]
+        return [IstioHeaders(mesh, config.backends)]
     if mesh.kind == "linkerd":
         from .linkerd import LinkerdHeaders
 

@@ -94,7 +94,7 @@ class LinkerdHeaders(TraceHeaders):
         self.legacy = mesh.linkerd.legacy_headers
         # route name -> (l5d-dst-override, l5d-require-id or None, the route's timeout)
         self.per_route: dict[str, tuple[str, str | None, float]] = {}
-        for svc in config.services:
+        for svc in config.backends:
             cs = cluster_service(svc, config)
             required = (
                 linkerd_identity(svc.identity, cs.namespace, mesh.trust_domain)

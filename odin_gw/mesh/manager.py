@@ -141,7 +141,7 @@ class MeshManager:
         self.on_change = on_change
         self.client = client or make_client(config)
         self.services: tuple[str, ...] = tuple(
-            dict.fromkeys(s.mesh_service or s.name for s in config.services)
+            dict.fromkeys(s.mesh_service or s.name for s in config.discovered)
         )
         # Nothing is created on disk until start() (and only with a mesh to follow).
         self.state = StateDir(state_dir_for(config) or default_state_dir(config.server.port))

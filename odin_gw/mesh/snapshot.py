@@ -52,7 +52,7 @@ def fingerprints(config) -> tuple[str, str]:
     services = sorted(
         {
             f"{s.namespace}/{s.mesh_service or s.name}" if s.namespace else s.mesh_service or s.name
-            for s in config.services
+            for s in config.discovered
         }
     )
     o = hashlib.sha256(json.dumps(origin).encode()).hexdigest()[:16]
