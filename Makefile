@@ -17,8 +17,10 @@ $(STAMP): requirements.txt requirements-dev.txt setup.cfg
 run: $(STAMP)
 	examples/demo/run.sh
 
-## test: set up and run the whole suite
+## test: set up and run the whole suite (installs Debian's redis-server for the rate-limit tests)
 test: $(STAMP)
+	@command -v redis-server >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
 	$(PY) -m pytest
 
 unit: $(STAMP)
