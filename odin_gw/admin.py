@@ -58,23 +58,17 @@ def _no_store(response):
 
 @admin_bp.get("/routes")
 def routes():
+    """Every service's route: where requests go (rules, split, groups) and the policy
+    each request gets, with where each value came from (config or the mesh)."""
     gateway = current_app.extensions["odin"]
-    return jsonify(
-        routes=[
-            {
-                "service": r.name,
-                "basePath": r.base_path,
-                "stripBasePath": r.strip_base_path,
-                "meshService": r.mesh_service,
-                "loadBalancing": r.balancer.name,
-                "timeout": r.timeout.read_timeout,
-                "connectTimeout": r.timeout.connect_timeout,
-                "retries": r.retries,
-                "preserveHost": r.preserve_host,
-            }
-            for r in gateway.routes
-        ]
-    )
+    split_counts = gateway.metrics.totals("odin_split_requests")
+    return jsonify(routes=[_route_doc(r, gateway, split_counts) for r in gateway.routes.entries])
+
+
+def _route_doc(r, gateway, split_counts) -> dict:
+    from .route_doc import describe_route
+
+    return describe_route(r, gateway, split_counts)
 
 
 @admin_bp.get("/services")

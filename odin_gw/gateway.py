@@ -18,7 +18,7 @@ from .metrics import GatewayMetrics
 from .proxy.forwarder import Forwarder
 from .proxy.transport import UpstreamSession
 from .retry_budget import DEFAULT_KEYS, BudgetStore
-from .route_policy import ServicePolicy
+from .route_policy import ServicePolicy, config_policy
 from .routing import Route, RouteTable
 from .tap_hub import TapHub
 
@@ -56,6 +56,10 @@ class Gateway:
             keys=max(DEFAULT_KEYS, 1 << (2 * len(self.routes)).bit_length()),
         )
         self.policies: MappingProxyType = MappingProxyType({})  # route -> ServicePolicy
+        # The gateway's own per-route policy (tryTimeout, retryPolicy), under the mesh's.
+        self.config_policies = {
+            r.name: config_policy(r.config, self.budgets) for r in self.routes if r.config
+        }
         self.mesh = manager or MeshManager(config, self.metrics, self._on_snapshot)
         self._on_snapshot(self.mesh.snapshot, self.mesh.tls)
         self.forwarder = Forwarder(self)
@@ -129,25 +133,32 @@ class Gateway:
 
     def _compile_policies(self, snapshot: Snapshot) -> None:
         """Compile each route's mesh policy whose text changed (the same text is never
-        compiled twice) and hand the set to the forwarder. Runs off the hot path."""
-        old = {(p.service, p.text): p for p in self.policies.values()}
+        compiled twice), lay it over the route's own config policy, and hand the set to
+        the forwarder. Runs off the hot path."""
+        old = {(name, p.text): p for name, p in self.policies.items()}
         compiled: dict[str, ServicePolicy] = {}
         refs = None
+        bases = self.__dict__.get("config_policies") or {}
         for route in self.routes:
             service = snapshot.services.get(route.mesh_service)
             text = service.policy if service is not None else ""
-            if not text:
+            base = bases.get(route.name)
+            if not text and base is None:
                 continue
-            policy = old.get((route.mesh_service, text))
+            policy = old.get((route.name, text))
             if policy is None:
-                if refs is None:
-                    refs = cluster_services(self.config)
-                cs = refs.get(route.mesh_service)
-                ref = f"{cs.namespace}/{cs.name}" if cs is not None else None
-                policy = ServicePolicy.compile(text, route.mesh_service, self.budgets, ref)
-                old[(route.mesh_service, text)] = policy
-                for problem in policy.errors:
-                    log.warning("service %s: mesh policy: %s", route.name, problem)
+                if not text:
+                    policy = ServicePolicy(route.mesh_service, source="config", default=base)
+                else:
+                    if refs is None:
+                        refs = cluster_services(self.config)
+                    cs = refs.get(route.mesh_service)
+                    ref = f"{cs.namespace}/{cs.name}" if cs is not None else None
+                    mesh = ServicePolicy.compile(text, route.mesh_service, self.budgets, ref)
+                    for problem in mesh.errors:
+                        log.warning("service %s: mesh policy: %s", route.name, problem)
+                    policy = mesh.with_base(base)
+                old[(route.name, text)] = policy
             compiled[route.name] = policy
         if compiled.keys() == self.policies.keys() and all(
             compiled[n] is self.policies[n] for n in compiled

@@ -89,6 +89,87 @@ class GatewayMetrics:
             **kw,
             **gauge_mode,
         )
+        # -- traffic management (issue 10) --
+        sum_mode = {"multiprocess_mode": "livesum"} if self.multiprocess else {}
+        self.retries = Counter(
+            "odin_retries",
+            "Upstream attempts after the first, by service and what failed",
+            ["service", "reason"],
+            **kw,
+        )
+        self.retry_budget_exhausted = Counter(
+            "odin_retry_budget_exhausted",
+            "Retries not made because the route's retry budget was spent",
+            ["service"],
+            **kw,
+        )
+        self.split_requests = Counter(
+            "odin_split_requests",
+            "Requests by backend group chosen (rule, split weight, stickiness or override)",
+            ["service", "group", "reason"],
+            **kw,
+        )
+        self.circuit_opened = Counter(
+            "odin_circuit_opened",
+            "Times an endpoint's circuit breaker opened",
+            ["service"],
+            **kw,
+        )
+        self.circuit_open = Gauge(
+            "odin_circuit_open",
+            "Endpoint circuits open now (summed over workers)",
+            ["service"],
+            **kw,
+            **sum_mode,
+        )
+        self.circuit_rejected = Counter(
+            "odin_circuit_rejections",
+            "Requests refused at once: every endpoint's circuit open, or the service's "
+            "concurrency cap reached",
+            ["service", "reason"],
+            **kw,
+        )
+        self.ejections = Counter(
+            "odin_outlier_ejections",
+            "Endpoints ejected by passive health (outlier detection)",
+            ["service", "reason"],
+            **kw,
+        )
+        self.panic = Counter(
+            "odin_panic_requests",
+            "Requests balanced over every endpoint because too few were healthy",
+            ["service"],
+            **kw,
+        )
+        self.rate_limited = Counter(
+            "odin_rate_limited",
+            "Requests refused with 429 by a rate limit",
+            ["service", "scope"],
+            **kw,
+        )
+        self.rate_limit_errors = Counter(
+            "odin_rate_limit_storage_errors",
+            "Rate-limit checks the storage could not answer (failOpen decides)",
+            **kw,
+        )
+        self.health_checks = Counter(
+            "odin_health_checks",
+            "Active health-check probes by service and result",
+            ["service", "result"],
+            **kw,
+        )
+        self.tunnels_open = Gauge(
+            "odin_tunnels_open",
+            "Upgraded connections (WebSocket tunnels) open now",
+            **kw,
+            **sum_mode,
+        )
+        self.tunnels = Counter(
+            "odin_tunnels",
+            "Upgrade requests by outcome",
+            ["service", "result"],
+            **kw,
+        )
         self._label_cache: dict[tuple, tuple] = {}
 
     @property
@@ -116,6 +197,26 @@ class GatewayMetrics:
         children[1].observe(seconds)
         if error_kind:
             self.upstream_errors.labels(svc, error_kind).inc()
+
+    def totals(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        """A metric's current values over every worker, by sorted label pairs (for admin
+        answers such as the split's per-group counts; reads the sample files, so never
+        on the request path)."""
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            prom_mp.MultiProcessCollector(registry)
+        else:
+            registry = self._registry
+        out: dict[tuple[tuple[str, str], ...], float] = {}
+        for family in registry.collect():
+            if family.name != name:
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                key = tuple(sorted(sample.labels.items()))
+                out[key] = out.get(key, 0.0) + sample.value
+        return out
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

@@ -1,8 +1,11 @@
 """Per-route policy: timeout, which answers are retried, how often, and under what budget.
 
 A :class:`RoutePolicy` is the one value the forwarder reads for a request, whoever wrote
-it: a Linkerd ServiceProfile route, the Linkerd 2.16 annotations on a Service, or (later)
-the gateway's own config; ``source`` says which. A :class:`ServicePolicy` is what one
+it: a Linkerd ServiceProfile route, the Linkerd 2.16 annotations on a Service, or the
+gateway's own config (``tryTimeout``, ``retryPolicy``: :func:`config_policy`); ``source``
+says which, and ``origins`` where each value came from when a mesh route was laid over
+the config's (:meth:`RoutePolicy.over`: a value the mesh gives wins, the config fills in
+the rest). A :class:`ServicePolicy` is what one
 service's mesh policy compiles to, once per change of the snapshot's policy text:
 ``match(method, path)`` is the per-request call (precompiled conditions, no parsing).
 
@@ -94,6 +97,39 @@ class RoutePolicy:
     budget: RetryBudget | None = field(default=None, compare=False)
     backoff: tuple[float, float] | None = None
     condition: Any = field(default=None, compare=False)
+    #: Answer retries count against the service's ``retries`` (the gateway's own policy).
+    shared_limit: bool = False
+    #: (value, source) for each value set, e.g. ``("timeout", "serviceprofile ns/x ...")``.
+    origins: tuple[tuple[str, str], ...] = ()
+
+    def over(self, base: RoutePolicy | None) -> RoutePolicy:
+        """This (mesh) policy with the gateway's own ``base`` filling what it leaves
+        unset. The retry values go as one: a retryable mesh route keeps its statuses,
+        limit, back-off and budget (none for Linkerd's annotations, as the proxy has
+        none there); otherwise the config's apply."""
+        if base is None:
+            return self
+        retry = self if self.retryable else base
+        mine = dict(self.origins or _origins(self, self.source))
+        theirs = dict(base.origins or _origins(base, base.source))
+        origins = {}
+        for key, value in (("timeout", self.timeout), ("tryTimeout", self.try_timeout)):
+            origins[key] = mine.get(key) if value is not None else theirs.get(key)
+        for key in ("retryOn", "limit", "backoff", "budget"):
+            origins[key] = (mine if retry is self else theirs).get(key)
+        return RoutePolicy(
+            name=self.name,
+            source=self.source,
+            timeout=self.timeout if self.timeout is not None else base.timeout,
+            retry_statuses=retry.retry_statuses,
+            limit=retry.limit,
+            try_timeout=self.try_timeout if self.try_timeout is not None else base.try_timeout,
+            budget=retry.budget,
+            backoff=retry.backoff,
+            condition=self.condition,
+            shared_limit=retry.shared_limit,
+            origins=tuple((k, v) for k, v in origins.items() if v is not None),
+        )
 
     @property
     def retryable(self) -> bool:
@@ -115,7 +151,47 @@ class RoutePolicy:
             doc["limit"] = self.limit
             if self.try_timeout is not None:
                 doc["tryTimeout"] = self.try_timeout
+        if self.backoff is not None:
+            doc["backoff"] = {"base": self.backoff[0], "max": self.backoff[1]}
+        doc["origins"] = dict(self.origins or _origins(self, self.source))
         return doc
+
+
+def _origins(policy: RoutePolicy, source: str) -> tuple[tuple[str, str], ...]:
+    """Every value ``policy`` sets, attributed to ``source``."""
+    values = {
+        "timeout": policy.timeout,
+        "tryTimeout": policy.try_timeout,
+        "budget": policy.budget,
+        "retryOn": policy.retry_statuses or None,
+        "limit": policy.limit if policy.retryable else None,
+        "backoff": policy.backoff,
+    }
+    return tuple((k, source) for k, v in values.items() if v is not None)
+
+
+def config_policy(svc, store: BudgetStore | None) -> RoutePolicy | None:
+    """The gateway's own per-route policy for ``svc`` (a ``ServiceConfig``): its
+    ``tryTimeout`` and ``retryPolicy`` (statuses, back-off, budget), or ``None`` when it
+    sets none of them (the request path then pays nothing for it). The budget counts in
+    ``store`` under ``config:<service>``: every worker of the host shares it."""
+    rp = svc.retry_policy
+    budget = None
+    if rp.budget is not None and store is not None and svc.retries > 0:
+        b = rp.budget
+        budget = store.budget(f"config:{svc.name}", b.ratio, b.min_per_second, b.ttl)
+    if not rp.statuses and svc.try_timeout is None and budget is None:
+        return None
+    return RoutePolicy(
+        name="default",
+        source="config",
+        retry_statuses=rp.statuses,
+        limit=svc.retries,
+        try_timeout=svc.try_timeout,
+        budget=budget,
+        backoff=(rp.backoff.base, rp.backoff.max),
+        shared_limit=True,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +309,25 @@ class ServicePolicy:
             None,
             errors,
             notes,
+        )
+
+    def with_base(self, base: RoutePolicy | None) -> ServicePolicy:
+        """This mesh policy with the gateway's own ``base`` under every route (and as
+        the policy of requests no mesh route matches)."""
+        if base is None:
+            return self
+        routes = tuple(_Route(r.matches, r.policy.over(base)) for r in self.routes)
+        default = self.default.over(base) if self.default is not None else base
+        return ServicePolicy(
+            self.service,
+            self.text,
+            self.source or "config",
+            routes,
+            default,
+            self.annotations,
+            self.profile,
+            self.errors,
+            self.notes,
         )
 
     def match(self, method: str, path: str) -> RoutePolicy | None:

@@ -53,9 +53,27 @@ class Route:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     sidecar: Endpoint | None = None
     proxy_balances: bool = False
+    #: The service's configuration, as loaded (traffic-management settings live there).
+    config: ServiceConfig | None = field(default=None, repr=False)
+    #: Backend groups by name (``groups:``), each a route of its own; "default" is this.
+    groups: dict[str, Route] = field(default_factory=dict, repr=False)
+    #: For a backend group's route: its group name ("default" for a service's own).
+    group: str = "default"
+    #: The service a group's route belongs to (its own name for a service's route).
+    service: str = ""
+    #: Request bodies up to this size are buffered, so that a retry can send them again.
+    buffer_body: int = 64 * 1024
+
+    def backend(self, group: str | None) -> Route:
+        """The route of backend ``group`` (``None`` or ``"default"``: this one)."""
+        if group is None or group == "default":
+            return self
+        return self.groups[group]
 
     @classmethod
-    def from_config(cls, svc: ServiceConfig, gateway: GatewayConfig) -> Route:
+    def from_config(
+        cls, svc: ServiceConfig, gateway: GatewayConfig, groups: dict[str, Route] | None = None
+    ) -> Route:
         read = svc.timeout or gateway.server.timeout
         connect = min(svc.connect_timeout or gateway.server.connect_timeout, read)
         static = ServiceEndpoints(
@@ -88,9 +106,14 @@ class Route:
             health=PassiveHealth(svc.passive_health),
             base_depth=0 if svc.base_path == "/" else svc.base_path.count("/"),
             idle_timeout=svc.idle_timeout or read,
-            retry=RetryPolicy(others=svc.retries),
+            retry=RetryPolicy.from_config(svc),
             sidecar=sidecar_endpoint(svc, gateway),
             proxy_balances=gateway.service_mesh.kind == "linkerd",
+            config=svc,
+            groups=groups or {},
+            group=svc.group_of[1] if svc.group_of else "default",
+            service=svc.group_of[0] if svc.group_of else svc.name,
+            buffer_body=max(svc.retry_policy.buffer_body, 0),
         )
 
     def upstream_path(self, raw_path: str) -> str:
@@ -159,17 +182,31 @@ def _authority(url: str) -> str:
 
 
 class RouteTable:
-    """Maps request paths to routes by the longest matching base path."""
+    """Maps request paths to routes by the longest matching base path.
+
+    ``entries`` are the services' routes (what paths match); iterating the table gives
+    every route traffic can take, backend groups included (``<service>/<group>``).
+    """
 
     def __init__(self, routes: list[Route]) -> None:
-        self.routes: tuple[Route, ...] = tuple(routes)
+        self.entries: tuple[Route, ...] = tuple(routes)
+        every: list[Route] = []
+        for r in routes:
+            every.append(r)
+            every.extend(r.groups.values())
+        self.routes: tuple[Route, ...] = tuple(every)
         self._by_base = {r.base_path: r for r in routes}
         self._root = self._by_base.get("/")
         self._max_depth = max((r.base_depth for r in routes), default=0)
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> RouteTable:
-        return cls([Route.from_config(s, config) for s in config.services])
+        groups: dict[str, dict[str, Route]] = {}
+        for backend in config.backends:
+            if backend.group_of is not None:
+                service, group = backend.group_of
+                groups.setdefault(service, {})[group] = Route.from_config(backend, config)
+        return cls([Route.from_config(s, config, groups.get(s.name)) for s in config.services])
 
     def match(self, path: str) -> Route | None:
         """The route for ``path`` (decoded, starting with ``/``), or ``None``.

@@ -52,6 +52,9 @@ from .transport import (
 
 log = logging.getLogger("odin_gw.proxy")
 
+# Retries after these failures draw on the route's retry budget: the upstream saw the
+# request. A connect failure sent nothing; a stale keep-alive is routine.
+BUDGETED = frozenset({Failure.RESET, Failure.TRY_TIMEOUT, Failure.STATUS})
 # Upstream bodies up to this size are read whole before the answer starts.
 SMALL_BODY = 64 * 1024
 NO_BODY_STATUS = frozenset({204, 304})
@@ -196,7 +199,7 @@ class Forwarder:
         timeout = route.timeout.read_timeout
         now = monotonic()
         policy: RetryPolicy | None = route.retry
-        mesh: RoutePolicy | None = None
+        mesh: RoutePolicy | None = None  # the route policy: the mesh's over the config's
         if self.policies:
             service_policy = self.policies.get(route.name)
             if service_policy is not None:
@@ -206,8 +209,8 @@ class Forwarder:
                     timeout = mesh.timeout
                 if mesh.retryable:
                     policy = policy.with_route(mesh)
-                    if mesh.budget is not None:
-                        mesh.budget.deposit(now)  # every request earns retryRatio
+                if mesh.budget is not None:
+                    mesh.budget.deposit(now)  # every request earns retryRatio
         deadline = now + timeout
         exchange.timeout = timeout
 
@@ -271,10 +274,20 @@ class Forwarder:
                 if failure is Failure.CONNECT:
                     health.failed(endpoint.key)
                 policy = policy.after(failure, method, replayable)
-                if failure is Failure.TRY_TIMEOUT and not (
-                    policy is not None and _spend(mesh, monotonic())
+                if (
+                    policy is not None
+                    and failure in BUDGETED
+                    and not _spend(mesh, monotonic())
                 ):
-                    policy = None  # the budget is asked last: a refusal spends nothing
+                    # The budget is asked last: a refusal spends nothing.
+                    log.info(
+                        "%s: retry budget exhausted, no retry after %s (request %s)",
+                        route.name,
+                        failure.value,
+                        exchange.request_id,
+                    )
+                    policy = None
+                    gateway.metrics.retry_budget_exhausted.labels(route.service).inc()
                 if policy is None or failure is not Failure.STALE:
                     # A stale keep-alive retried is routine, not an upstream error.
                     exchange.error_kind = error.code
@@ -287,11 +300,13 @@ class Forwarder:
                 if policy is None:
                     raise error from exc
                 exchange.retries += 1
+                gateway.metrics.retries.labels(route.service, failure.value).inc()
                 fresh = policy.same_endpoint(failure)
                 if not fresh:
                     endpoint = None
                 if failure is Failure.TRY_TIMEOUT:
                     again = True
+                if failure in BUDGETED:  # another endpoint after a refused connect: at once
                     _back_off(mesh, exchange.retries, deadline)
                 continue
             except BaseException as exc:
@@ -302,6 +317,7 @@ class Forwarder:
             if policy.statuses and policy.retries_status(resp.status):
                 retry = policy.after(Failure.STATUS, method, replayable)
                 if retry is not None and monotonic() < deadline and _spend(mesh, monotonic()):
+                    gateway.metrics.retries.labels(route.service, "status").inc()
                     log.info(
                         "%s: upstream %s answered %d; retrying (%s; request %s)",
                         route.name,

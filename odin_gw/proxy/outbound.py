@@ -50,7 +50,7 @@ class OutboundBuilder:
         forwarding = exchange.forwarding
         strip = self.strip if forwarding is not None else self.strip_untrusted
         headers = upstream_headers(environ, strip, self.strip_prefixes)
-        body, chunked, replayable = _body(environ, headers)
+        body, chunked, replayable = _body(environ, headers, route.buffer_body)
         _forwarded(environ, route, headers, exchange)
         for name, value in route.headers:
             headers[name] = value
@@ -65,8 +65,13 @@ class OutboundBuilder:
         return Outbound(environ["REQUEST_METHOD"], url, headers, body, chunked, replayable)
 
 
-def _body(environ: dict, headers: OutboundHeaders):
-    """(body, chunked, replayable) for the upstream request."""
+def _body(environ: dict, headers: OutboundHeaders, buffer_limit: int = SMALL_BODY):
+    """(body, chunked, replayable) for the upstream request.
+
+    A body with a ``Content-Length`` of at most ``buffer_limit`` (the service's
+    ``retryPolicy.bufferBody``, 64 KiB by default) is read whole: a retry can send it
+    again. Larger ones and chunked ones stream through and are never replayed (a chunked
+    body's end is unknown until it arrives; holding it back would stall a stream)."""
     stream = environ["wsgi.input"]
     coding = environ.get("HTTP_TRANSFER_ENCODING")
     if coding is not None:
@@ -88,7 +93,7 @@ def _body(environ: dict, headers: OutboundHeaders):
         if size < 0:
             raise BadRequest(f"invalid Content-Length {length!r}")
         headers["Content-Length"] = length
-        if size <= SMALL_BODY:
+        if size <= buffer_limit:
             data = _read(stream, size)
             if len(data) != size:
                 raise ClientDisconnected(

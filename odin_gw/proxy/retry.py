@@ -25,15 +25,27 @@ give up), so per-request state lives in the value a request holds, never in shar
 
 The route's ``timeout`` is one deadline for the answer head that every attempt shares
 (Envoy's route timeout covers all retries the same way): a retry gets what is left.
-Answer retries also need the route's retry budget to allow them (the forwarder asks it
-last, so a retry refused for another reason spends nothing); see
-:mod:`odin_gw.route_policy` for where ``statuses`` and ``answers`` come from.
+Answer retries and resets also need the route's retry budget to allow them (the
+forwarder asks it last, so a retry refused for another reason spends nothing); a
+connect failure sent nothing, so it costs the upstream nothing and spends no budget
+(``retries`` and passive health bound it). See :mod:`odin_gw.route_policy` for where
+``statuses`` and ``answers`` come from.
+
+The service's ``retryPolicy`` (:meth:`RetryPolicy.from_config`) chooses which of
+``connect`` and ``reset`` are retried at all (``retryOn``) and which non-idempotent
+methods are retried as if idempotent (``methods``). Retries of answers it names share
+the ``retries`` count with connect failures and resets (``shared``): ``retries: 2``
+means at most three attempts, whatever failed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config.model import ServiceConfig
 
 # RFC 9110 section 9.2.2.
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -63,11 +75,31 @@ class RetryPolicy:
     idempotent: frozenset[str] = IDEMPOTENT
     statuses: frozenset[int] = frozenset()
     answers: int | None = 0
+    on_connect: bool = True
+    on_reset: bool = True
+    shared: bool = False
+
+    @classmethod
+    def from_config(cls, svc: ServiceConfig) -> RetryPolicy:
+        """The service's ``retries`` and ``retryPolicy`` (statuses come per request from
+        its :class:`~odin_gw.route_policy.RoutePolicy`)."""
+        rp = svc.retry_policy
+        return cls(
+            others=svc.retries,
+            idempotent=IDEMPOTENT | rp.methods,
+            on_connect=rp.connect_failure,
+            on_reset=rp.reset,
+        )
 
     def with_route(self, route) -> RetryPolicy:
         """This policy plus a :class:`~odin_gw.route_policy.RoutePolicy`'s answer retries
-        (its statuses and limit): the value one request of that route starts from."""
-        return replace(self, statuses=route.retry_statuses, answers=route.limit)
+        (its statuses and limit): the value one request of that route starts from.
+
+        The gateway's own ``retryPolicy`` (``route.shared_limit``) counts answer retries
+        against ``retries``, as every other retry; a mesh policy has its own limit."""
+        if route.shared_limit:
+            return replace(self, statuses=route.retry_statuses, answers=self.others, shared=True)
+        return replace(self, statuses=route.retry_statuses, answers=route.limit, shared=False)
 
     def retries_status(self, status: int) -> bool:
         """Whether an answer with ``status`` is one this policy tries again."""
@@ -85,24 +117,36 @@ class RetryPolicy:
         """
         if failure is Failure.CONNECT:
             # Nothing left the gateway: even a streamed body is still unread.
-            return replace(self, others=self.others - 1) if self.others > 0 else None
+            return self._spent() if self.on_connect and self.others > 0 else None
         if failure is Failure.STALE:
             if self.stale > 0 and replayable:
                 return replace(self, stale=self.stale - 1)
             return None
         if failure is Failure.RESET:
-            if self.others > 0 and replayable and method in self.idempotent:
-                return replace(self, others=self.others - 1)
+            if self.on_reset and self.others > 0 and replayable and method in self.idempotent:
+                return self._spent()
             return None
         if failure is Failure.STATUS or failure is Failure.TRY_TIMEOUT:
             # The upstream has seen the request: only a body the gateway still holds
-            # can go again.
-            if not replayable:
+            # can go again. The gateway's own policy retries only methods that may be
+            # repeated; a mesh route marked retryable (ServiceProfile isRetryable) was
+            # declared safe to retry whatever its method, as Linkerd applies it.
+            if not replayable or (self.shared and method not in self.idempotent):
                 return None
             if self.answers is None:
                 return self
-            return replace(self, answers=self.answers - 1) if self.answers > 0 else None
+            if self.answers <= 0:
+                return None
+            if self.shared:
+                return self._spent()
+            return replace(self, answers=self.answers - 1)
         return None  # TIMEOUT, PROTOCOL
+
+    def _spent(self) -> RetryPolicy:
+        """One retry counted: ``others`` (and ``answers`` too when they share a count)."""
+        if self.shared:
+            return replace(self, others=self.others - 1, answers=(self.answers or 0) - 1)
+        return replace(self, others=self.others - 1)
 
     @staticmethod
     def same_endpoint(failure: Failure) -> bool:

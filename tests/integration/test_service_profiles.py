@@ -234,7 +234,11 @@ def test_a_profile_that_does_not_parse_is_reported_and_the_service_keeps_serving
         f"ServiceProfile {NS}/{profile_name('broken')}: routes[0].condition.pathRegex: "
         "invalid regex '/broken/(?=x)'"
     )
-    assert doc["policy"]["source"] is None and doc["policy"]["routes"] == []
+    # Nothing of the profile applies: only the gateway's own policy (retries: 1 gives
+    # the default retry budget) is left.
+    (own,) = doc["policy"]["routes"]
+    assert doc["policy"]["source"] == "config" and own["source"] == "config"
+    assert not own["retryable"] and own["budget"]["key"] == "config:broken"
     assert doc["name"] == "broken" and doc["basePath"] == "/broken"
     for session in sessions.values():
         assert session.get(f"{gw.url}/broken/anything", timeout=10).status_code == 200

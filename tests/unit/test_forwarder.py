@@ -22,6 +22,7 @@ from odin_gw.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from odin_gw.metrics import GatewayMetrics
 from odin_gw.proxy.exchange import Exchange
 from odin_gw.proxy.forwarder import Forwarder
 from odin_gw.proxy.transport import UpstreamSession
@@ -35,10 +36,12 @@ def ok(body: bytes = b"ok", extra: bytes = b"") -> bytes:
 
 
 class StubGateway:
-    """What the forwarder reads from a gateway: config, injectors, session, candidates."""
+    """What the forwarder reads from a gateway: config, injectors, session, candidates,
+    metrics."""
 
     def __init__(self, config) -> None:
         self.config = config
+        self.metrics = GatewayMetrics()
         self.injectors: list = []
         self.session = UpstreamSession(pool_size=4)
         self.routes = RouteTable.from_config(config)
