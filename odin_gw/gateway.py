@@ -94,6 +94,11 @@ class Gateway:
         view = self._views.get(route.name)
         return view[1] if view is not None else ()
 
+    def every_endpoint(self, route: Route) -> tuple[Endpoint, ...]:
+        """All of a route's endpoints, healthy or not: the pool of panic mode."""
+        view = self._views.get(route.name)
+        return view[3] if view is not None else ()
+
     # -- snapshot changes -------------------------------------------------------------
     def _on_snapshot(self, snapshot: Snapshot, tls: TlsMaterial | None) -> None:
         if tls is not self.session.adapter.material:
@@ -111,14 +116,17 @@ class Gateway:
             if route.name in views and built.get(route.name) is service:
                 continue  # the very object its view was built from: nothing to redo
             active, dc = service.active()
+            every = service.endpoints
             route_keys = {e.key for e in service.endpoints}
             if route.sidecar is not None:  # consul connectMode sidecar: it picks and does mTLS
                 active, dc = (route.sidecar,), None
+                every = active
                 route_keys.add(route.sidecar.key)
             elif route.proxy_balances:  # Linkerd ingress: discovered pods are only shown
                 active, dc = route.static.active()
+                every = active
                 route_keys |= {e.key for e in active}
-            views[route.name] = (service, active, dc)
+            views[route.name] = (service, active, dc, every)
             built[route.name] = service
             route.health.prune(route_keys)  # targets that left: forget their failures
             if route_keys != self._route_keys.get(route.name):
@@ -175,4 +183,5 @@ class Gateway:
 
     def view(self, route: Route) -> tuple[ServiceEndpoints, tuple[Endpoint, ...], str | None]:
         """(all endpoints, the active ones, the datacenter serving) for admin answers."""
-        return self._views.get(route.name) or (route.static, (), None)
+        view = self._views.get(route.name)
+        return view[:3] if view is not None else (route.static, (), None)
