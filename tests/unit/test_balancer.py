@@ -2,7 +2,15 @@ import collections
 
 import pytest
 
-from odin_gw.balancer import LeastRequest, RandomChoice, RoundRobin, Weighted, make_balancer
+from odin_gw.balancer import (
+    LeastRequest,
+    Pick,
+    RandomChoice,
+    RoundRobin,
+    Weighted,
+    choose_pool,
+    make_balancer,
+)
 from odin_gw.config.model import PassiveHealthConfig
 from odin_gw.mesh.snapshot import Endpoint
 from odin_gw.passive_health import PassiveHealth
@@ -94,14 +102,14 @@ def test_passive_health_backoff_doubles_and_each_ejection_needs_a_full_run():
     ph = PassiveHealth(PassiveHealthConfig(2, 4.0, 60.0), clock=lambda: now[0])
     ph.failed(A.key)
     ph.failed(A.key)  # first ejection: 4 s
-    assert ph.status(A.key) == {"ejected": True, "ejectedFor": 4.0}
+    assert ph.status(A.key) == {"ejected": True, "ejectedFor": 4.0, "reason": "connect-failure"}
     now[0] += 4.0  # exactly at the end: back in
     assert ph.available(A.key)
     assert ph.status(A.key) == {"ejected": False, "recentFailures": 0}
     ph.failed(A.key)  # one failure after an ejection is not a run of two
     assert ph.available(A.key)
     ph.failed(A.key)  # second ejection: 8 s, not 12 (x3) or 16 (two steps)
-    assert ph.status(A.key) == {"ejected": True, "ejectedFor": 8.0}
+    assert ph.status(A.key) == {"ejected": True, "ejectedFor": 8.0, "reason": "connect-failure"}
     now[0] += 8.0
     assert ph.available(A.key)
     assert ph.status(B.key) == {"ejected": False, "recentFailures": 0}
@@ -109,7 +117,7 @@ def test_passive_health_backoff_doubles_and_each_ejection_needs_a_full_run():
     ph.failed(A.key)
     ph.failed(A.key)  # third: 16 s, reported rounded to the millisecond
     now[0] += 0.2004
-    assert ph.status(A.key) == {"ejected": True, "ejectedFor": 15.8}
+    assert ph.status(A.key) == {"ejected": True, "ejectedFor": 15.8, "reason": "connect-failure"}
 
 
 def test_passive_health_forgets_targets_that_left():
@@ -144,3 +152,121 @@ def test_gateway_prunes_passive_health_on_a_new_snapshot(tmp_path):
         assert set(route.health._states) == {b.key}
     finally:
         gw.session.close()
+
+
+# -- panic mode ---------------------------------------------------------------------------------
+
+D = Endpoint("10.0.0.4", 80)
+
+
+def keys(endpoints):
+    return sorted(e.key for e in endpoints)
+
+
+def test_threshold_zero_panics_only_when_no_endpoint_is_healthy():
+    pool, panic = choose_pool((A, B), (A, B), lambda k: k == B.key, 0.0)
+    assert (pool, panic) == ([B], False)
+    pool, panic = choose_pool((A, B), (A, B), lambda k: False, 0.0)
+    assert (keys(pool), panic) == (keys((A, B)), True)
+
+
+def test_below_the_threshold_all_endpoints_are_used_even_unhealthy_ones():
+    # discovery says A and B are healthy, C is not; passive health or a breaker may
+    # set more aside: 2 of 3 healthy is 66%, 1 of 3 is 33%.
+    pool, panic = choose_pool((A, B), (A, B, C), always, 50.0)
+    assert (keys(pool), panic) == (keys((A, B)), False)
+    pool, panic = choose_pool((A, B), (A, B, C), lambda k: k != A.key, 50.0)
+    assert (keys(pool), panic) == (keys((A, B, C)), True)
+    pool, panic = choose_pool((A, B), (A, B, C), lambda k: k != A.key, 33.0)
+    assert (pool, panic) == ([B], False)  # 33.3% is not below 33
+
+
+def test_a_threshold_of_100_panics_unless_every_endpoint_is_healthy():
+    assert choose_pool((A, B, C), (A, B, C), always, 100.0)[1] is False
+    assert choose_pool((A, B), (A, B, C), always, 100.0)[1] is True
+
+
+def test_panic_off_means_nothing_to_pick_when_none_is_healthy():
+    rr = RoundRobin()
+    assert choose_pool((A, B), (A, B, C), lambda k: False, None) == ([], False)
+    assert rr.select((A, B), (A, B, C), (), lambda k: False, None) == Pick(None, False)
+    assert rr.select((), (A, B), (), always, None) == Pick(None, False)
+
+
+def test_no_endpoint_at_all_is_no_panic():
+    assert choose_pool((), (), always, 50.0) == ([], False)
+    assert RoundRobin().select((), (), (), always, 0.0) == Pick(None, False)
+
+
+def test_select_spreads_over_everyone_in_panic_and_says_so():
+    rr = RoundRobin()
+    picks = [rr.select((A,), (A, B, C, D), (), always, 50.0) for _ in range(8)]
+    assert all(p.panic for p in picks)
+    assert collections.Counter(p.endpoint for p in picks) == {A: 2, B: 2, C: 2, D: 2}
+    calm = [rr.select((A, B), (A, B, C, D), (), always, 50.0) for _ in range(4)]
+    assert {p.endpoint for p in calm} == {A, B} and not any(p.panic for p in calm)
+
+
+def test_select_decides_panic_before_leaving_out_tried_endpoints():
+    for bal in (RoundRobin(), RandomChoice(), Weighted(), LeastRequest()):
+        # A healthy, B not: no panic; A tried already: nothing left, still no panic.
+        assert bal.select((A, B), (A, B), (A.key,), lambda k: k == A.key, 0.0) == Pick(None, False)
+        for _ in range(10):
+            pick = bal.select((A, B), (A, B), (A.key,), lambda k: False, 0.0)
+            assert pick == Pick(B, True)
+
+
+def test_ejected_endpoints_and_open_circuits_count_as_unhealthy():
+    from odin_gw.config.traffic import CircuitBreakerConfig
+    from odin_gw.traffic.breaker import CircuitBreakers
+
+    ph = PassiveHealth(PassiveHealthConfig(1, 5.0, 60.0), clock=lambda: 0.0)
+    cb = CircuitBreakers(CircuitBreakerConfig(consecutive_failures=1), clock=lambda: 0.0)
+    ph.failed(A.key)
+    cb.record(B.key, False, cb.allow(B.key))
+
+    def available(key):
+        return ph.available(key) and cb.available(key)
+
+    rr = RoundRobin()
+    assert {rr.select((A, B, D), (A, B, D), (), available, 30.0).endpoint for _ in range(4)} == {D}
+    panic = [rr.select((A, B, D), (A, B, D), (), available, 50.0) for _ in range(6)]
+    assert all(p.panic for p in panic) and {p.endpoint for p in panic} == {A, B, D}
+
+
+def test_one_failing_endpoint_of_three_loses_its_traffic_and_gets_it_back_when_healed():
+    """The issue's proof, in one worker with an injected clock: C answers 503, its
+    circuit opens, traffic moves to A and B; once C heals, a probe closes it."""
+    from odin_gw.config.traffic import CircuitBreakerConfig
+    from odin_gw.traffic.breaker import CircuitBreakers
+
+    now = [0.0]
+    cb = CircuitBreakers(
+        CircuitBreakerConfig(consecutive_failures=3, open_for=10.0, max_open_for=60.0),
+        clock=lambda: now[0],
+    )
+    rr = RoundRobin()
+    sick = {C.key}
+    served = collections.Counter()
+
+    def request():
+        pick = rr.select((A, B, C), (A, B, C), (), cb.available, 0.0)
+        ticket = cb.allow(pick.endpoint.key)
+        assert ticket and not pick.panic
+        cb.record(pick.endpoint.key, pick.endpoint.key not in sick, ticket)
+        served[pick.endpoint] += 1
+        now[0] += 0.1
+
+    for _ in range(30):  # C fails 3 times in its first 9 requests' worth of turns
+        request()
+    assert cb.open_keys() == [C.key] and served[C] == 3
+    served.clear()
+    for _ in range(60):  # 6 s, C still open: all traffic to A and B
+        request()
+    assert served == {A: 30, B: 30}
+    sick.clear()  # C heals
+    now[0] += 4.0  # its openFor has passed: the next turn probes it
+    served.clear()
+    for _ in range(30):
+        request()
+    assert cb.open_keys() == [] and served == {A: 10, B: 10, C: 10}

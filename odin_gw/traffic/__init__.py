@@ -1,0 +1,1 @@
+"""Traffic management (issue 10): rules, splits, breakers and rate limits."""

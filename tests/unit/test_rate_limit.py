@@ -1,0 +1,614 @@
+"""Rate limits: keys, the RateLimit header syntax, exact boundaries and bursts (injected
+clock), storage failures, and the host table shared by real processes through a file."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import re
+import stat
+import warnings
+
+import pytest
+from limits.storage import SlidingWindowCounterSupport, Storage, storage_from_string
+
+from odin_gw.config import parse_config
+from odin_gw.config.traffic import RateLimitConfig
+from odin_gw.metrics import GatewayMetrics
+from odin_gw.traffic.host_storage import HostStorage, host_storage_uri
+from odin_gw.traffic.rate_limit import (
+    OUTAGE_RETRY,
+    RateLimited,
+    RateLimits,
+    RateLimitUnavailable,
+    header_environ_key,
+    sf_string,
+    windows_for,
+)
+
+HOUR = 3600
+
+
+class Clock:
+    """A settable clock (picklable, for spawned processes)."""
+
+    def __init__(self, now: float = 36000.25) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Client:
+    """What ``check`` reads of the exchange: the client address trust decided."""
+
+    def __init__(self, addr: str = "192.0.2.1") -> None:
+        self.client_addr = addr
+
+
+def limit(requests: int, per: str = "hour", burst: int = 0, key: str = "ip") -> RateLimitConfig:
+    periods = {"second": 1, "minute": 60, "hour": HOUR}
+    return RateLimitConfig(requests, periods[per], per, burst, key)
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def limits(clock):
+    """Limits over a table of this process (the clock drives its windows)."""
+    return RateLimits(HostStorage(clock=clock), clock=clock)
+
+
+@pytest.fixture
+def state_dir(tmp_path):
+    path = tmp_path / "state"
+    path.mkdir(mode=0o700)
+    return str(path)
+
+
+def allowed_count(limits, cfg, client=None, environ=None, attempts=1000, scope="service"):
+    """Requests allowed before the first refusal (the refusal is returned too)."""
+    client = client or Client()
+    for n in range(attempts):
+        try:
+            limits.check("svc", cfg, scope, client, environ or {})
+        except RateLimited as refused:
+            return n, refused
+    raise AssertionError(f"never refused in {attempts} requests")
+
+
+def rate_limit_fields(headers) -> dict[str, str]:
+    return {name: value for name, value in headers}
+
+
+# -- boundary -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("requests", [1, 5, 100])
+def test_request_n_is_allowed_and_n_plus_one_refused(limits, requests):
+    n, refused = allowed_count(limits, limit(requests))
+    assert n == requests
+    assert refused.status == 429 and refused.code == "rate_limited"
+
+
+def test_refused_requests_do_not_count(limits, clock):
+    cfg = limit(3, "second")
+    assert allowed_count(limits, cfg)[0] == 3
+    for _ in range(20):  # hammering while refused
+        with pytest.raises(RateLimited):
+            limits.check("svc", cfg, "service", Client(), {})
+    clock.now += 2.0  # two windows on: the 3 allowed ones no longer weigh, nor anything else
+    assert allowed_count(limits, cfg)[0] == 3
+
+
+def test_keys_and_scopes_count_apart(limits):
+    cfg = limit(2)
+    assert allowed_count(limits, cfg, Client("192.0.2.1"))[0] == 2
+    assert allowed_count(limits, cfg, Client("192.0.2.2"))[0] == 2
+    assert allowed_count(limits, cfg, Client("192.0.2.1"), scope="rule-0")[0] == 2
+
+
+def test_global_key_is_one_counter_for_every_client(limits):
+    cfg = limit(3, key="global")
+    for addr in ("192.0.2.1", "192.0.2.2", "2001:db8::1"):
+        limits.check("svc", cfg, "service", Client(addr), {})
+    with pytest.raises(RateLimited):
+        limits.check("svc", cfg, "service", Client("192.0.2.99"), {})
+
+
+def test_header_key_counts_per_value_and_falls_back_to_the_client_address(limits):
+    cfg = limit(2, key="header:X-Api-Key")
+    a, b = {"HTTP_X_API_KEY": "key-a"}, {"HTTP_X_API_KEY": "key-b"}
+    assert allowed_count(limits, cfg, Client("192.0.2.1"), a)[0] == 2
+    # The same key from elsewhere shares its bucket; another key has its own.
+    with pytest.raises(RateLimited):
+        limits.check("svc", cfg, "service", Client("192.0.2.7"), a)
+    assert allowed_count(limits, cfg, Client("192.0.2.1"), b)[0] == 2
+    # No header, or an empty one: the client's address is the key (not one shared bucket).
+    assert allowed_count(limits, cfg, Client("192.0.2.1"), {})[0] == 2
+    with pytest.raises(RateLimited):
+        limits.check("svc", cfg, "service", Client("192.0.2.1"), {"HTTP_X_API_KEY": ""})
+    assert allowed_count(limits, cfg, Client("192.0.2.2"), {})[0] == 2
+
+
+def test_header_values_are_hashed_in_the_identity():
+    limits = RateLimits(HostStorage())
+    policy = limits.policy("svc", "service", limit(2, key="header:X-Api-Key"))
+    ident = policy.identity(Client(), {"HTTP_X_API_KEY": "sk_live_secret"})
+    assert "secret" not in ident and re.fullmatch(r"h:[0-9a-f]{32}", ident)
+    assert policy.identity(Client("2001:db8::5"), {}) == "ip:2001:db8::5"
+    assert limits.policy("s", "service", limit(1, key="global")).identity(Client(), {}) == "*"
+
+
+def test_header_environ_keys():
+    assert header_environ_key("X-Api-Key") == "HTTP_X_API_KEY"
+    assert header_environ_key("content-type") == "CONTENT_TYPE"
+    assert header_environ_key("Authorization") == "HTTP_AUTHORIZATION"
+
+
+# -- burst ---------------------------------------------------------------------------------
+
+
+def test_burst_is_two_windows_short_and_sustained():
+    (short,) = windows_for(limit(100, "minute"), "users")
+    assert (short.quota, short.seconds) == (100, 60)
+    short, long = windows_for(limit(100, "minute", burst=20), "users")
+    assert (short.name, short.quota, short.seconds) == ("users", 120, 60)
+    assert (long.name, long.quota, long.seconds) == ("users/sustained", 1000, 600)
+    # A burst larger than 9 periods' worth stretches the long window instead.
+    short, long = windows_for(limit(1, "minute", burst=20), "u")
+    assert (short.quota, long.quota, long.seconds) == (21, 21, 21 * 60)
+
+
+def test_burst_allows_requests_plus_burst_in_one_period(limits):
+    n, refused = allowed_count(limits, limit(10, "second", burst=5))
+    assert n == 15
+    assert refused.details["policy"] == "svc"
+
+
+def test_a_burst_is_paid_back_within_the_sustained_window(limits, clock):
+    # 2/s with a burst of 3: 5 in one second, 20 per 10 s. The clock starts on a multiple
+    # of 10 s, so both windows start together; every other second is skipped so the short
+    # window's previous count never weighs.
+    cfg = limit(2, "second", burst=3)
+    for second in (0, 2, 4, 6):
+        clock.now = 100000.0 + second + 0.25
+        assert allowed_count(limits, cfg)[0] == 5, second
+    clock.now = 100008.25
+    n, refused = allowed_count(limits, cfg)
+    assert n == 0 and refused.details["policy"] == "svc/sustained"
+    # The long window ends at +10; right after, its 20 weigh floor(20 * 0.99...) = 19 and
+    # one request fits: from +8.25 that is 1.75 s, rounded up.
+    assert refused.details["retryAfter"] == 2
+    clock.now = 100010.25
+    assert allowed_count(limits, cfg)[0] == 1
+
+
+def send(limits, cfg, client, count):
+    for _ in range(count):
+        limits.check("svc", cfg, "service", client, {})
+
+
+@pytest.mark.parametrize(
+    "before, into, now",
+    [
+        (0, None, 13.4),  # only the current window counts: wait for its end
+        (4, 50.0, 10.3),  # 4 in the previous window, decaying: wait for one to fade
+        (6, 59.0, 0.7),  # the previous window full, just ended
+    ],
+)
+def test_retry_after_is_the_first_whole_second_a_request_fits(limits, clock, before, into, now):
+    cfg = limit(6, "minute")
+    client = Client()
+    if before:
+        clock.now = 60000.0 + into  # in the window before
+        send(limits, cfg, client, before)
+    clock.now = 60060.0 + now
+    n, refused = allowed_count(limits, cfg, client)
+    assert n >= 1 or before == 6
+    wait = refused.details["retryAfter"]
+    assert rate_limit_fields(refused.headers)["Retry-After"] == str(wait)
+    start = clock.now
+    clock.now = start + wait - 1
+    with pytest.raises(RateLimited):
+        limits.check("svc", cfg, "service", client, {})
+    clock.now = start + wait
+    limits.check("svc", cfg, "service", client, {})
+
+
+def test_retry_after_rounds_up_to_at_least_one_second(limits, clock):
+    clock.now = 1000.9  # 0.1 s before the next one-second window
+    cfg = limit(1, "second")
+    limits.check("svc", cfg, "service", Client(), {})
+    with pytest.raises(RateLimited) as refused:
+        limits.check("svc", cfg, "service", Client(), {})
+    assert refused.value.details["retryAfter"] == 1
+
+
+# -- headers --------------------------------------------------------------------------------
+
+SF_ITEM = r'"[^"\\]*";(q=\d+;w=\d+|r=\d+;t=\d+)'
+
+
+def test_rate_limit_fields_follow_the_draft_syntax(limits, clock):
+    clock.now = 7200.0 + 600.0  # 10 minutes into an hour window
+    headers = limits.check("svc", limit(5), "service", Client(), {})
+    fields = rate_limit_fields(headers)
+    assert fields["RateLimit-Policy"] == '"svc";q=5;w=3600'
+    # The one request weighs fully until the window ends (+3000 s), then decays: t is
+    # the first whole second after which one more is free.
+    assert fields["RateLimit"] == '"svc";r=4;t=3001'
+    headers = limits.check("svc", limit(5, burst=2), "service", Client("192.0.2.9"), {})
+    fields = rate_limit_fields(headers)
+    assert fields["RateLimit-Policy"] == '"svc";q=7;w=3600, "svc/sustained";q=50;w=36000'
+    for field in fields.values():
+        assert re.fullmatch(rf"{SF_ITEM}(, {SF_ITEM})*", field), field
+
+
+def test_remaining_counts_down_and_the_429_says_zero(limits):
+    cfg = limit(3)
+    remaining = [
+        re.search(
+            r";r=(\d+)",
+            rate_limit_fields(limits.check("svc", cfg, "service", Client(), {}))["RateLimit"],
+        ).group(1)
+        for _ in range(3)
+    ]
+    assert remaining == ["2", "1", "0"]
+    with pytest.raises(RateLimited) as refused:
+        limits.check("svc", cfg, "service", Client(), {})
+    fields = rate_limit_fields(refused.value.headers)
+    wait = fields["Retry-After"]
+    assert fields["RateLimit"] == f'"svc";r=0;t={wait}'
+    assert fields["RateLimit-Policy"] == '"svc";q=3;w=3600'
+
+
+def test_policy_names_are_structured_field_strings():
+    assert sf_string("users") == '"users"'
+    assert sf_string('we"ird\\name') == '"we\\"ird\\\\name"'
+    assert sf_string("caf\u00e9\n") == '"caf__"'
+
+
+def test_refusals_are_counted_by_service_and_scope(clock):
+    metrics = GatewayMetrics()
+    limits = RateLimits(HostStorage(clock=clock), metrics=metrics, clock=clock)
+    allowed_count(limits, limit(1))
+    allowed_count(limits, limit(1), scope="rule-0")
+    with pytest.raises(RateLimited):
+        limits.check("svc", limit(1), "rule-0", Client(), {})
+    totals = metrics.totals("odin_rate_limited")
+    assert totals[(("scope", "service"), ("service", "svc"))] == 1
+    assert totals[(("scope", "rule-0"), ("service", "svc"))] == 2
+
+
+# -- storage failures -----------------------------------------------------------------------
+
+
+class FlakyStorage(Storage, SlidingWindowCounterSupport):
+    """A storage that answers from a table of this process, or fails while ``down``."""
+
+    def __init__(self, clock) -> None:
+        super().__init__(None, wrap_exceptions=True)
+        self.table = HostStorage(clock=clock)
+        self.down = False
+        self.calls = 0
+
+    @property
+    def base_exceptions(self):
+        return ConnectionError
+
+    def _use(self):
+        self.calls += 1
+        if self.down:
+            raise ConnectionError("connection refused")
+        return self.table
+
+    def acquire_sliding_window_entry(self, key, limit, expiry, amount=1):
+        return self._use().acquire_sliding_window_entry(key, limit, expiry, amount)
+
+    def get_sliding_window(self, key, expiry):
+        return self._use().get_sliding_window(key, expiry)
+
+    def clear_sliding_window(self, key, expiry):
+        self._use().clear_sliding_window(key, expiry)
+
+    def incr(self, key, expiry, amount=1):
+        return self._use().incr(key, expiry, amount)
+
+    def get(self, key):
+        return self._use().get(key)
+
+    def get_expiry(self, key):
+        return self._use().get_expiry(key)
+
+    def check(self):
+        return not self.down
+
+    def reset(self):
+        return self._use().reset()
+
+    def clear(self, key):
+        self._use().clear(key)
+
+
+def test_fail_open_passes_requests_logs_once_and_recovers(clock, caplog):
+    storage = FlakyStorage(clock)
+    metrics = GatewayMetrics()
+    limits = RateLimits(
+        storage, fail_open=True, metrics=metrics, where="redis://<redacted>@h:1/0", clock=clock
+    )
+    cfg = limit(2)
+    assert allowed_count(limits, cfg)[0] == 2
+    storage.down = True
+    with caplog.at_level(logging.WARNING, "odin_gw.traffic.rate_limit"):
+        for _ in range(50):  # allowed, unchecked, without headers
+            assert limits.check("svc", cfg, "service", Client(), {}) == []
+        # Only the first asked the storage: the others within OUTAGE_RETRY did not wait on it.
+        assert storage.calls == 2 + 2 * 2 + 1
+        clock.now += OUTAGE_RETRY
+        assert limits.check("svc", cfg, "service", Client(), {}) == []  # one probe, failed
+        assert storage.calls == 2 + 2 * 2 + 2
+        storage.down = False
+        clock.now += OUTAGE_RETRY
+        with pytest.raises(RateLimited):  # the probe is answered: limits apply again
+            limits.check("svc", cfg, "service", Client(), {})
+    failed = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failed) == 1 and "pass unchecked" in failed[0].getMessage()
+    assert "<redacted>" in failed[0].getMessage()
+    assert any("answers again" in r.getMessage() for r in caplog.records)
+    assert limits.unanswered == 51
+    assert metrics.totals("odin_rate_limit_storage_errors")[()] == 51
+
+
+def test_fail_closed_answers_503_until_the_storage_is_back(clock):
+    storage = FlakyStorage(clock)
+    limits = RateLimits(storage, fail_open=False, clock=clock)
+    cfg = limit(2)
+    storage.down = True
+    for _ in range(3):
+        with pytest.raises(RateLimitUnavailable) as unavailable:
+            limits.check("svc", cfg, "service", Client(), {})
+        assert unavailable.value.status == 503
+        assert unavailable.value.code == "rate_limit_unavailable"
+        assert dict(unavailable.value.headers)["Retry-After"] == "1"
+    storage.down = False
+    clock.now += OUTAGE_RETRY
+    assert allowed_count(limits, cfg)[0] == 2
+
+
+# -- wiring ---------------------------------------------------------------------------------
+
+
+def test_no_limit_configured_means_no_limiter(tmp_path):
+    from odin_gw.gateway import Gateway
+
+    cfg = parse_config(
+        "services:\n - {name: web, basePath: /web, targets: ['http://127.0.0.1:9']}\n"
+    )
+    gw = Gateway(cfg)
+    try:
+        assert gw.rate_limits is None
+    finally:
+        gw.stop()
+
+
+def test_gateway_limits_use_the_state_dir_and_compile_every_scope(state_dir):
+    from odin_gw.gateway import Gateway
+
+    cfg = parse_config(
+        f"serviceMesh: {{stateDir: {state_dir}}}\n"
+        "services:\n"
+        " - name: web\n"
+        "   basePath: /web\n"
+        "   targets: ['http://127.0.0.1:9']\n"
+        "   rateLimit: {requests: 3, per: minute}\n"
+        "   rules:\n"
+        "    - {match: {path: {prefix: /web/a}}, rateLimit: {requests: 1, per: second, burst: 1}}\n"
+        " - {name: other, basePath: /other, targets: ['http://127.0.0.1:9']}\n"
+    )
+    gw = Gateway(cfg)
+    try:
+        limits = gw.rate_limits
+        assert sorted(limits.policies) == [("web", "rule-0"), ("web", "service")]
+        assert limits.policies[("web", "service")].policy_header == '"web";q=3;w=60'
+        rule = limits.policies[("web", "rule-0")]
+        assert [w.name for w in rule.windows] == ["web/rule-0", "web/rule-0/sustained"]
+        limits.check("web", cfg.services[0].rate_limit, "service", Client(), {})
+        assert limits.storage.shared
+        assert os.path.dirname(limits.storage.file) == state_dir
+    finally:
+        gw.stop()
+
+
+def test_redis_storage_url_is_redacted_where_logs_show_it(state_dir):
+    from odin_gw.gateway import Gateway
+
+    cfg = parse_config(
+        "rateLimit: {storage: 'redis://:hunter2@127.0.0.1:9/0', failOpen: false}\n"
+        "services:\n"
+        " - {name: web, basePath: /web, targets: ['http://127.0.0.1:9'],"
+        " rateLimit: {requests: 3, per: minute}}\n"
+    )
+    gw = Gateway(cfg)
+    try:
+        assert "hunter2" not in gw.rate_limits.where
+        assert gw.rate_limits.where == "redis://<redacted>@127.0.0.1:9/0"
+        assert gw.rate_limits.fail_open is False
+    finally:
+        gw.stop()
+
+
+# -- the host table -------------------------------------------------------------------------
+
+
+def test_host_table_is_a_private_file_in_the_state_dir(state_dir, clock):
+    storage = storage_from_string(host_storage_uri(state_dir), clock=clock)
+    assert isinstance(storage, HostStorage)
+    assert storage.acquire_sliding_window_entry("k", 5, 60)
+    assert storage.shared
+    st = os.stat(storage.file)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+    other = HostStorage(host_storage_uri(state_dir), clock=clock)  # another worker's view
+    assert other.get_sliding_window("k", 60)[2] == 1
+    storage.close()
+    other.close()
+
+
+def test_a_missing_state_dir_is_created_private(tmp_path, clock):
+    directory = tmp_path / "new" / "state"
+    storage = HostStorage(host_storage_uri(str(directory)), clock=clock)
+    assert storage.incr("k", 60) == 1
+    assert storage.shared and stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    storage.close()
+
+
+def test_an_unsafe_table_file_is_refused_and_counting_stays_per_worker(state_dir, clock, caplog):
+    probe = HostStorage(host_storage_uri(state_dir), clock=clock)
+    probe.incr("k", 60)
+    path = probe.file
+    probe.close()
+    os.chmod(path, 0o644)
+    storage = HostStorage(host_storage_uri(state_dir), clock=clock)
+    with caplog.at_level(logging.WARNING, "odin_gw.traffic.host_storage"):
+        assert storage.incr("k", 60) == 1  # a table of its own, not the shared one
+    assert not storage.shared
+    assert "count per worker" in caplog.text and "not a private file" in caplog.text
+    os.unlink(path)
+    os.symlink(os.path.join(state_dir, "elsewhere"), path)
+    linked = HostStorage(host_storage_uri(state_dir), clock=clock)
+    assert linked.incr("k", 60) == 1 and not linked.shared
+    assert not os.path.exists(os.path.join(state_dir, "elsewhere"))
+
+
+def test_an_open_state_dir_is_refused(tmp_path, clock, caplog):
+    directory = tmp_path / "open"
+    directory.mkdir(mode=0o755)
+    os.chmod(directory, 0o755)
+    storage = HostStorage(host_storage_uri(str(directory)), clock=clock)
+    with caplog.at_level(logging.WARNING, "odin_gw.traffic.host_storage"):
+        storage.incr("k", 60)
+    assert not storage.shared and "group/other access" in caplog.text
+    assert os.listdir(directory) == []
+
+
+def test_windows_slide_and_expire(clock):
+    storage = HostStorage(clock=clock)
+    clock.now = 600.0 + 15.0  # 15 s into a minute window
+    for _ in range(4):
+        assert storage.acquire_sliding_window_entry("k", 4, 60)
+    assert not storage.acquire_sliding_window_entry("k", 4, 60)
+    assert storage.get_sliding_window("k", 60) == (0, 0.0, 4, 105.0)
+    clock.now = 660.0 + 30.0  # half-way through the next window: 4 * 0.5 = 2 still weigh
+    assert storage.get_sliding_window("k", 60) == (4, 30.0, 0, 90.0)
+    assert storage.acquire_sliding_window_entry("k", 4, 60)
+    assert storage.acquire_sliding_window_entry("k", 4, 60)
+    assert not storage.acquire_sliding_window_entry("k", 4, 60)
+    clock.now = 780.0  # two windows on: nothing counts
+    assert storage.get_sliding_window("k", 60) == (0, 0.0, 0, 120.0)
+
+
+def test_fixed_window_operations(clock):
+    storage = HostStorage(clock=clock)
+    clock.now = 600.0 + 15.0
+    assert [storage.incr("f", 60) for _ in range(3)] == [1, 2, 3]
+    assert storage.get("f") == 3 and storage.get("absent") == 0
+    clock.now = 660.0
+    assert storage.get("f") == 0 and storage.incr("f", 60) == 1
+    storage.clear("f")
+    assert storage.get("f") == 0
+    storage.incr("g", 60)
+    assert storage.reset() == 1 and storage.get("g") == 0
+
+
+def test_full_bucket_evicts_the_least_recently_counted_key(clock, caplog):
+    storage = HostStorage(entries=4, ways=4, clock=clock)  # one bucket of four
+    clock.now = 10 * HOUR + 100.0
+    storage.incr("a", HOUR)  # counted in hour 10: still weighs through hour 11
+    clock.now = 11 * HOUR + 100.0
+    for key in "bcd":
+        storage.incr(key, HOUR)
+    with caplog.at_level(logging.WARNING, "odin_gw.traffic.host_storage"):
+        storage.incr("e", HOUR)
+    assert storage.evictions == 1 and "table full" in caplog.text
+    assert storage.get_sliding_window("a", HOUR)[0] == 0  # a's hour-10 count is gone
+    assert [storage.get(k) for k in "bcde"] == [1, 1, 1, 1]
+
+
+def test_expired_entries_are_reused_without_eviction(clock):
+    storage = HostStorage(entries=2, ways=2, clock=clock)
+    clock.now = 6000.0
+    storage.incr("a", 1)
+    storage.incr("b", 1)
+    clock.now += 2.5  # both one-second windows (and the ones after) have passed
+    storage.incr("c", 1)
+    storage.incr("d", 1)
+    assert storage.evictions == 0
+    assert (storage.get("c"), storage.get("d")) == (1, 1)
+
+
+def test_a_new_window_length_starts_the_key_afresh(clock):
+    storage = HostStorage(clock=clock)
+    storage.incr("k", 60)
+    storage.incr("k", 60)
+    assert storage.incr("k", 3600) == 1
+
+
+# -- real processes -------------------------------------------------------------------------
+
+
+def _hammer(state_dir, start, results, attempts):
+    storage = HostStorage(host_storage_uri(state_dir), clock=Clock(90000.5))
+    storage.check()  # map the table before the race
+    start.wait(timeout=30)
+    allowed = sum(
+        storage.acquire_sliding_window_entry("svc/ip", 250, HOUR) for _ in range(attempts)
+    )
+    results.put((storage.shared, allowed))
+
+
+def test_three_processes_share_one_exact_count(state_dir):
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(3)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_hammer, args=(state_dir, start, results, 200)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    try:
+        got = [results.get(timeout=60) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+    assert all(shared for shared, _ in got), got
+    assert sum(allowed for _, allowed in got) == 250, got  # 600 attempts, exactly 250 allowed
+    view = HostStorage(host_storage_uri(state_dir), clock=Clock(90000.5))
+    assert view.get_sliding_window("svc/ip", HOUR)[2] == 250
+
+
+def test_a_forked_worker_opens_the_table_itself_and_shares_the_counts(state_dir):
+    clock = Clock()
+    storage = HostStorage(host_storage_uri(state_dir), clock=clock)
+    assert storage.acquire_sliding_window_entry("k", 100, 60)  # mapped before the fork
+    parent_fd = storage._fd
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads around
+        pid = os.fork()
+    if pid == 0:
+        try:
+            ok = storage.acquire_sliding_window_entry("k", 100, 60)
+            own = storage.shared and storage._fd is not None
+            os.write(write, bytes([ok and own]))
+        finally:
+            os._exit(0)
+    os.close(write)
+    child_ok = os.read(read, 1)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child_ok == b"\x01"
+    assert storage._fd == parent_fd
+    assert storage.get_sliding_window("k", 60)[2] == 2
+    storage.close()
