@@ -27,6 +27,12 @@ one route rebuild; a service whose answer did not change keeps its object, so th
 dir's journal (``state.py``), the gauges and the gateway's route views all find what
 changed by identity and touch only that.
 
+Active health checks (``healthCheck``, :mod:`.health_checks`) run in the leader only, in a
+``HealthChecker`` of its term: answers are folded with its verdicts before they are
+published, and a change of verdict publishes the services it touches. A gateway with
+health checks and no mesh still elects a leader and shares a snapshot (its checked static
+targets, ``source: static``), with no discovery job and no watch.
+
 Locking rule: every change of ``snapshot``/``tls`` goes through ``_set`` under
 ``_publish_lock``, so no writer can put back what another just replaced; the lock is never
 held across a network call.
@@ -42,6 +48,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
 
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers import SchedulerNotRunningError
@@ -49,6 +56,7 @@ from apscheduler.schedulers import SchedulerNotRunningError
 from ..config.model import GatewayConfig
 from ..errors import GatewayError
 from .client import Discovery, MeshClient, StaticClient
+from .health_checks import HealthChecker, Probe, checked_services, names_to_keep
 from .scheduler import MonotonicScheduler
 from .snapshot import ServiceEndpoints, Snapshot, fingerprints
 from .state import StateDir, StateDirError, default_state_dir, monotonic
@@ -117,10 +125,21 @@ def follows_mesh(config: GatewayConfig) -> bool:
     return m.kind != "none" or m.uses_cert_files
 
 
+def has_health_checks(config: GatewayConfig) -> bool:
+    """Whether some backend of ``config`` has ``healthCheck`` (then a leader probes)."""
+    return any(b.health_check is not None for b in config.backends)
+
+
+def needs_state_dir(config: GatewayConfig) -> bool:
+    """Whether the processes of ``config`` share a state dir: a mesh to follow, or
+    active health checks (probed by a leader, shared through its snapshot)."""
+    return follows_mesh(config) or has_health_checks(config)
+
+
 def state_dir_for(config: GatewayConfig, config_path: str | None = None) -> str | None:
     """The state dir ``config`` uses (``serviceMesh.stateDir`` or the instance default),
-    ``None`` when it follows no mesh and so needs none."""
-    if not follows_mesh(config):
+    ``None`` when it needs none (no mesh and no health checks)."""
+    if not needs_state_dir(config):
         return None
     return config.service_mesh.state_dir or default_state_dir(config.server.port, config_path)
 
@@ -134,7 +153,9 @@ class MeshManager:
         metrics,
         on_change: Callable[[Snapshot, TlsMaterial | None], None],
         client: MeshClient | None = None,
+        probe: Probe | None = None,
     ) -> None:
+        """``probe``: how the health checks probe an endpoint (default: HTTP)."""
         self.config = config
         self.mesh = config.service_mesh
         self.metrics = metrics
@@ -143,6 +164,13 @@ class MeshManager:
         self.services: tuple[str, ...] = tuple(
             dict.fromkeys(s.mesh_service or s.name for s in config.discovered)
         )
+        #: Services with active checks, by snapshot name; probed by the leader only.
+        self.checked = checked_services(config)
+        # What a snapshot may hold: discovered services and checked static targets.
+        self._kept = names_to_keep(self.services, self.checked)
+        self._probe = probe
+        self._check_counter = _check_counter(metrics) if self.checked else None
+        self.health: HealthChecker | None = None  # the leader's checks, this term
         # Nothing is created on disk until start() (and only with a mesh to follow).
         self.state = StateDir(state_dir_for(config) or default_state_dir(config.server.port))
         self.origin, self.fingerprint = fingerprints(config)
@@ -193,6 +221,12 @@ class MeshManager:
         return follows_mesh(self.config)
 
     @property
+    def leads(self) -> bool:
+        """Whether one process of the instance leads: a control plane to ask, or
+        active health checks to run (see ``needs_state_dir``)."""
+        return self.mesh.kind != "none" or bool(self.checked)
+
+    @property
     def leading(self) -> bool:
         return self.state.leading
 
@@ -239,7 +273,7 @@ class MeshManager:
         An unusable state dir is logged once (one line naming the path and the problem)
         and reported by ``ready()``; the sync job keeps checking it.
         """
-        if not self.active or self._scheduler is not None:
+        if not (self.active or self.leads) or self._scheduler is not None:
             return
         if not self.state.leading:
             # Built in the gunicorn master (--preload) before it exported ODIN_BIND: the
@@ -267,6 +301,7 @@ class MeshManager:
     def stop(self) -> None:
         self._stop.set()
         self._term_stop.set()
+        self._stop_checks()
         if self._scheduler is not None:
             with contextlib.suppress(SchedulerNotRunningError):
                 self._scheduler.shutdown(wait=False)
@@ -279,7 +314,7 @@ class MeshManager:
     # -- the sync job (every worker) ------------------------------------------------------
     def _sync(self) -> None:
         try:
-            if self.mesh.kind != "none":
+            if self.leads:
                 self._sync_leadership()
             if not self.state.leading:
                 self._load_from_disk()
@@ -319,6 +354,8 @@ class MeshManager:
         if self.state.leading:
             problem = self.state.check_lock()
             if problem is None:
+                if self.mesh.kind == "none":
+                    self._attempt_mono = monotonic()  # no discovery pass to wait for
                 try:
                     self.state.beat(
                         attempt=self.snapshot.attempted_at, attempt_mono=self._attempt_mono
@@ -397,15 +434,23 @@ class MeshManager:
         """Stop leading: the discovery job and this term's watch end, the lock is freed."""
         log.warning("pid %d stops leading discovery: %s", os.getpid(), why)
         self._term_stop.set()
+        self._stop_checks()
         if self._scheduler is not None:
             with contextlib.suppress(JobLookupError):
                 self._scheduler.remove_job("discover")
         self.state.resign()
 
     def _become_leader(self) -> None:
+        scheduler = self._scheduler
+        if self._stop.is_set() or scheduler is None:
+            # stop() ran while this sync was taking the lock (a reload's old worker):
+            # give the lead straight back rather than start a term nobody will end.
+            self.state.resign()
+            return
         log.info(
-            "pid %d leads discovery for %s (state dir %s)",
+            "pid %d leads %s for %s (state dir %s)",
             os.getpid(),
+            "discovery" if self.mesh.kind != "none" else "health checks",
             self.mesh.kind,
             self.state.path,
         )
@@ -414,10 +459,23 @@ class MeshManager:
         self._load_from_disk(adopt=True)
         getattr(self.client, "seed", lambda _snapshot: None)(self.snapshot)  # per-dc answers
         self._seen_trigger = self.state.mtime(self.state.trigger_path)
+        # A term of its own: a watch (still in a blocking query when this process lost
+        # the lead) or a health check of an earlier term can no longer publish.
+        self._term += 1
+        self._term_stop = threading.Event()
+        if self._stop.is_set():
+            self._term_stop.set()
+        term = self._term
+        if self.checked:
+            self._start_checks(term)  # seeded from the snapshot just adopted
         with self._publish_lock:
-            self._set(self.snapshot.evolve(leader_pid=os.getpid()), self.tls, write=True)
-        assert self._scheduler is not None
-        self._scheduler.add_job(
+            snap = self._with_checks(self.snapshot)
+            self._set(snap.evolve(leader_pid=os.getpid()), self.tls, write=True)
+        if self.health is not None:
+            self.health.start(self._term_stop)
+        if self.mesh.kind == "none":
+            return  # no control plane: health checks only
+        scheduler.add_job(
             self._discover,
             "interval",
             seconds=self.mesh.refresh_interval,
@@ -425,13 +483,6 @@ class MeshManager:
             next_run_time=datetime.now(UTC),
             replace_existing=True,
         )
-        # A term of its own: a watch of an earlier term (still in a blocking query when
-        # this process lost the lead) can no longer publish.
-        self._term += 1
-        self._term_stop = threading.Event()
-        if self._stop.is_set():
-            self._term_stop.set()
-        term = self._term
 
         def apply(batch: list[Discovery]) -> None:
             if term == self._term and self.state.leading:
@@ -446,6 +497,61 @@ class MeshManager:
             daemon=True,
         )
         self._watch_thread.start()
+
+    # -- active health checks (leader only) ------------------------------------------------
+    def _start_checks(self, term: int) -> None:
+        self._stop_checks()
+
+        def publish(names: set[str]) -> None:
+            self._publish_checks(term, names)
+
+        checker = HealthChecker(
+            self.checked,
+            publish,
+            probe=self._probe,
+            material=self.tls,
+            counter=self._check_counter,
+        )
+        checker.seed(self.snapshot)
+        self.health = checker
+
+    def _stop_checks(self) -> None:
+        checker, self.health = self.health, None
+        if checker is not None:
+            checker.stop()
+
+    def _with_checks(self, snap: Snapshot) -> Snapshot:
+        """``snap`` with every checked service's entry folded (``_publish_lock`` held):
+        the mesh's answer, else its static targets."""
+        checker = self.health
+        if checker is None:
+            return snap
+        services = dict(snap.services)
+        changed = False
+        for name in self.checked:
+            entry = checker.entry(name, services.get(name))
+            if entry is not None and entry is not services.get(name):
+                services[name] = entry
+                changed = True
+        return replace(snap, services=MappingProxyType(services)) if changed else snap
+
+    def _publish_checks(self, term: int, names: set[str]) -> None:
+        """Share changed verdicts of ``names`` (the checker's thread)."""
+        with self._publish_lock:
+            checker = self.health
+            if term != self._term or not self.state.leading or checker is None:
+                return
+            snap = self.snapshot
+            services = dict(snap.services)
+            for name in names:
+                entry = checker.entry(name, services.get(name))
+                if entry is not None:
+                    services[name] = entry
+            self._set(
+                snap.with_services(services, leader_pid=os.getpid(), warm=False),
+                self.tls,
+                write=True,
+            )
 
     def _watch(
         self, term: int = 0, stop: threading.Event | None = None, batcher: _Batcher | None = None
@@ -504,8 +610,12 @@ class MeshManager:
                 self._ignored_snapshot = mtime
                 return
             log.info("using the snapshot of a previous configuration for the services kept")
-            snap = replace(snap.only(self.services), fingerprint=self.fingerprint, warm=True)
-        snap = snap.only(self.services)
+            snap = replace(
+                _of_another_config(snap.only(self._kept), self.checked),
+                fingerprint=self.fingerprint,
+                warm=True,
+            )
+        snap = snap.only(self._kept)
         if self._ignored_snapshot == mtime:
             self._ignored_snapshot = 0
         if initial:
@@ -572,7 +682,7 @@ class MeshManager:
             job = self._scheduler.get_job("discover")
             if job is not None:
                 job.modify(next_run_time=datetime.now(UTC) + timedelta(milliseconds=1))
-                return
+            return  # no job: no control plane (health checks only), nothing to refresh
         self.state.trigger_refresh()
 
     def failed(self, reason: str) -> None:
@@ -633,6 +743,8 @@ class MeshManager:
                 if stamp < applied.get(name, stamp):
                     continue
                 applied[name] = stamp
+            if self.health is not None:
+                svc = self.health.fold(name, svc)  # active check verdicts
             old = services.get(name)
             # An unchanged view keeps its object: sharing and route rebuilds compare
             # services by identity to find what changed.
@@ -730,6 +842,10 @@ class MeshManager:
         self.snapshot = snap
         self.tls = tls
         self._export(snap, tls)
+        checker = self.health
+        if checker is not None and self.state.leading:
+            checker.use_material(tls)
+            checker.track(snap)  # probe what was just published
 
     def _export(self, snap: Snapshot, tls: TlsMaterial | None) -> None:
         gauge = self.metrics.endpoints
@@ -777,12 +893,27 @@ class MeshManager:
             "catalog": list(snap.catalog),
             "certificate": self.tls.describe() if self.tls else None,
             "certificateError": self.tls_error,
+            **({"healthChecks": self._checks_status()} if self.checked else {}),
             # What the client says of itself (Istio: node id, istiod, clusters); no secrets.
             **({"client": self.client.describe()} if hasattr(self.client, "describe") else {}),
         }
 
+    def _checks_status(self) -> dict:
+        """Verdict counts from the snapshot (any worker), probe counts from the leader."""
+        counts = {"unknown": 0, "passing": 0, "failing": 0}
+        for name in self.checked:
+            svc = self.snapshot.services.get(name)
+            for e in svc.endpoints if svc is not None else ():
+                if e.check is not None:
+                    counts[e.check.status] += 1
+        doc: dict = {"services": list(self.checked), "endpoints": counts}
+        checker = self.health
+        if checker is not None:
+            doc["leader"] = checker.describe()
+        return doc
+
     def _heartbeat_age(self) -> float | None:
-        if self.mesh.kind == "none" or self.state_error:
+        if not self.leads or self.state_error:
             return None
         beat = self.state.heartbeat()
         return None if beat is None else round(max(0.0, monotonic() - float(beat["mono"])), 3)
@@ -832,3 +963,36 @@ def _iso(ts: float) -> str | None:
     if not ts:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _of_another_config(snap: Snapshot, checked) -> Snapshot:
+    """``snap`` (adopted from a previous configuration) without what came from that
+    configuration: its static entries (the targets may have changed) and the verdicts
+    of services this one does not check."""
+    services = {}
+    for name, svc in snap.services.items():
+        if svc.source == "static":
+            continue
+        if name not in checked and any(e.check is not None for e in svc.endpoints):
+            svc = svc.with_checks({})
+        services[name] = svc
+    return replace(snap, services=MappingProxyType(services))
+
+
+def _check_counter(metrics):
+    """The probe counter (``service``, ``result``): the metrics object's
+    ``health_checks`` when it has one, else one registered where its metrics are."""
+    counter = getattr(metrics, "health_checks", None)
+    if counter is not None or not hasattr(metrics, "registry"):
+        return counter
+    from prometheus_client import Counter
+
+    try:
+        return Counter(
+            "odin_health_checks",
+            "Active health check probes by service and result (pass, fail)",
+            ["service", "result"],
+            registry=metrics.registry,
+        )
+    except ValueError:  # already registered there (a second manager on these metrics)
+        return None

@@ -9,6 +9,11 @@ The JSON form is versioned (``format``) and stamped with what it was discovered 
 change answers) and ``fingerprint`` (``origin`` plus the service list); see
 :func:`fingerprints`. ``from_json`` checks every type and raises ``ValueError`` for any
 document that is not a snapshot of this format, so a wrong file is ignored, never fatal.
+
+**Active health checks** (:mod:`odin_gw.mesh.health_checks`) are folded in by the leader:
+an endpoint of a checked service carries its :class:`EndpointCheck` and ``healthy`` is
+"the mesh says healthy and the check is not failing" (``mesh_healthy`` keeps the mesh's
+own verdict), so workers route on ``healthy`` alone and need no other change.
 """
 
 from __future__ import annotations
@@ -56,8 +61,36 @@ def fingerprints(config) -> tuple[str, str]:
         }
     )
     o = hashlib.sha256(json.dumps(origin).encode()).hexdigest()[:16]
-    f = hashlib.sha256(json.dumps([o, services]).encode()).hexdigest()[:16]
+    checked = _checks_fingerprint(config)
+    # Only a config with health checks hashes them: other fingerprints stay as they were.
+    facts: list[Any] = [o, services, checked] if checked else [o, services]
+    f = hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
     return o, f
+
+
+def _checks_fingerprint(config) -> list[Any]:
+    """What of the health-checked backends changes a snapshot: their names, static
+    targets (published as ``source: static``) and check settings."""
+    out = []
+    for b in getattr(config, "backends", ()):
+        hc = b.health_check
+        if hc is None:
+            continue
+        out.append(
+            [
+                b.name,
+                b.mesh_service or b.name,
+                [t.url for t in b.targets],
+                b.ca_file,
+                hc.path,
+                hc.interval,
+                hc.timeout,
+                hc.healthy_threshold,
+                hc.unhealthy_threshold,
+                sorted(hc.expected_status),
+            ]
+        )
+    return out
 
 
 def _check(cond: bool, what: str) -> None:
@@ -68,6 +101,46 @@ def _check(cond: bool, what: str) -> None:
 def _opt_str(value: Any, what: str) -> Any:
     _check(value is None or isinstance(value, str), f"{what} must be a string")
     return value
+
+
+#: Verdicts of an active health check (see :mod:`odin_gw.mesh.health_checks`).
+CHECK_UNKNOWN, CHECK_PASSING, CHECK_FAILING = "unknown", "passing", "failing"
+CHECK_STATUSES = (CHECK_UNKNOWN, CHECK_PASSING, CHECK_FAILING)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointCheck:
+    """The active health check's verdict on one endpoint, as the leader last published it.
+
+    ``status`` is ``unknown`` (not decided yet: routable), ``passing`` or ``failing``;
+    ``since`` the Unix time of the verdict; ``reason`` what the probe that decided it
+    saw (``None`` for a pass); ``last_status`` that probe's HTTP status (``None``: no
+    answer). A verdict changes only at a threshold, so these change only with it.
+    """
+
+    status: str = CHECK_UNKNOWN
+    since: float = 0.0
+    reason: str | None = None
+    last_status: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "since": self.since,
+            "reason": self.reason,
+            "lastStatus": self.last_status,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> EndpointCheck:
+        _check(isinstance(data, dict), "endpoint check must be an object")
+        _check(data.get("status") in CHECK_STATUSES, "endpoint check status")
+        since = data.get("since") or 0
+        _check(isinstance(since, int | float), "endpoint check since must be a number")
+        _opt_str(data.get("reason"), "endpoint check reason")
+        last = data.get("lastStatus")
+        _check(last is None or isinstance(last, int), "endpoint check lastStatus")
+        return cls(str(data["status"]), float(since), data.get("reason"), last)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +157,12 @@ class Endpoint:
 
     ``static`` marks a target from the config (never from discovery): over ``https`` it
     is verified like any public server, against the system CAs or ``ca_file``, with its
-    hostname checked, and never gets the mesh client certificate. Neither field is part
-    of the JSON form: snapshots only ever hold discovered (mesh) endpoints.
+    hostname checked, and never gets the mesh client certificate. Both are in the JSON
+    form only for a static target (the leader publishes health-checked static targets).
+
+    ``check`` is the active health check's verdict (``None``: the service is not
+    checked). With one, ``healthy`` is the mesh's verdict (``mesh_healthy``) and "not
+    failing", whatever was passed: the two can never disagree.
     ``pool_key`` says which connections may serve it (scheme, address, port, identity,
     and the CA of a static TLS target).
     """
@@ -106,10 +183,19 @@ class Endpoint:
     identities: tuple[str, ...] = ()
     sni: str | None = None
     locality: str | None = None
+    check: EndpointCheck | None = None
+    mesh_healthy: bool | None = None
     key: str = field(default="", compare=False)
     pool_key: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.check is not None:
+            mesh = self.healthy if self.mesh_healthy is None else self.mesh_healthy
+            object.__setattr__(self, "mesh_healthy", mesh)
+            object.__setattr__(self, "healthy", mesh and self.check.status != CHECK_FAILING)
+        elif self.mesh_healthy is not None:
+            object.__setattr__(self, "healthy", self.mesh_healthy)
+            object.__setattr__(self, "mesh_healthy", None)
         if not self.key:
             ident = f"#{self.identity}" if self.identity else ""
             if self.identities:
@@ -129,6 +215,13 @@ class Endpoint:
                 self, "host_header", host if self.port == default else f"{host}:{self.port}"
             )
 
+    def with_check(self, check: EndpointCheck | None) -> Endpoint:
+        """This endpoint with ``check`` folded in (``None``: none), itself if unchanged."""
+        if check == self.check:
+            return self
+        mesh = self.healthy if self.mesh_healthy is None else self.mesh_healthy
+        return replace(self, healthy=mesh, mesh_healthy=None, check=check)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON form (used by the state file and the admin API)."""
         return {
@@ -146,6 +239,12 @@ class Endpoint:
             **({"identities": list(self.identities)} if self.identities else {}),
             **({"sni": self.sni} if self.sni else {}),
             **({"locality": self.locality} if self.locality is not None else {}),
+            **({"static": True, "caFile": self.ca_file} if self.static else {}),
+            **(
+                {"meshHealthy": self.mesh_healthy, "check": self.check.to_dict()}
+                if self.check is not None
+                else {}
+            ),
         }
 
     @classmethod
@@ -154,8 +253,20 @@ class Endpoint:
         _check(isinstance(data.get("address"), str), "endpoint address must be a string")
         port = data.get("port")
         _check(isinstance(port, int) and 0 < port < 65536, "endpoint port must be 1-65535")
-        for key in ("datacenter", "identity", "node", "serviceId", "hostHeader", "sni", "locality"):
+        for key in (
+            "datacenter",
+            "identity",
+            "node",
+            "serviceId",
+            "hostHeader",
+            "sni",
+            "locality",
+            "caFile",
+        ):
             _opt_str(data.get(key), f"endpoint {key}")
+        mesh_healthy = data.get("meshHealthy")
+        _check(mesh_healthy is None or isinstance(mesh_healthy, bool), "endpoint meshHealthy")
+        check = data.get("check")
         identities = data.get("identities") or []
         _check(
             isinstance(identities, list) and all(isinstance(i, str) for i in identities),
@@ -178,6 +289,10 @@ class Endpoint:
             identities=tuple(identities),
             sni=data.get("sni"),
             locality=data.get("locality"),
+            static=data.get("static") is True,
+            ca_file=data.get("caFile"),
+            check=EndpointCheck.from_dict(check) if check is not None else None,
+            mesh_healthy=mesh_healthy,
         )
 
 
@@ -200,8 +315,10 @@ class ServiceEndpoints:
     def active(self) -> tuple[tuple[Endpoint, ...], str | None]:
         """The healthy endpoints of the first datacenter that has any, and that datacenter.
 
-        Local first: a later datacenter serves only while every earlier one has no healthy
-        instance (Consul's failover order).
+        ``healthy``: the mesh says so and an active check, if any, is not failing
+        (``unknown`` counts as healthy; see :class:`Endpoint`). Local first: a later
+        datacenter serves only while every earlier one has no healthy instance (Consul's
+        failover order).
         """
         order = self.datacenters or (None,)
         if order == (None,):
@@ -221,6 +338,15 @@ class ServiceEndpoints:
             "endpoints": [e.to_dict() for e in self.endpoints],
             **({"policy": self.policy} if self.policy else {}),
         }
+
+    def with_checks(self, checks: Any) -> ServiceEndpoints:
+        """This service with each endpoint's check set to ``checks.get(endpoint.key)``
+        (``None``: no check); itself when nothing changes, so identity still says
+        "unchanged" to the journal and the route views."""
+        endpoints = tuple(e.with_check(checks.get(e.key)) for e in self.endpoints)
+        if all(a is b for a, b in zip(endpoints, self.endpoints, strict=True)):
+            return self
+        return replace(self, endpoints=endpoints)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServiceEndpoints:
@@ -244,8 +370,10 @@ class ServiceEndpoints:
 class Snapshot:
     """What the mesh looked like at ``refreshed_at``, plus the health of discovery itself.
 
-    ``services`` only holds services the control plane has answered for; a service that
-    was never answered for falls back to its static targets. ``refreshed_at`` is the time
+    ``services`` holds the services the control plane has answered for and, with active
+    health checks, the checked static targets of services it has not (``source:
+    static``, published by the leader with their verdicts); any other service falls back
+    to its static targets. ``refreshed_at`` is the time
     of the last *successful* discovery (0: never).
     """
 
