@@ -12,6 +12,10 @@ Throughput/latency scenario, one target after another (never concurrently):
 * ``nginx``   - the upstream itself (Debian nginx, fixed small JSON body);
 * ``floor``   - bench/floor_app.py (raw WSGI + pooled urllib3) in front of it;
 * ``gateway`` - Odin (``gunicorn -c gunicorn.conf.py wsgi:app``) in front of it;
+* ``traffic`` - the same gateway with traffic management on the measured route: a 90/10
+  split between two backend groups (both nginx), a header rule, a circuit breaker with a
+  concurrency cap, and a rate limit set high enough never to refuse (every request
+  still pays for the check);
 
 both Python targets with ``gthread``, 1 worker, 8 threads; each measured with
 8 connections and with 1 connection (wrk if installed, else a Python load
@@ -51,7 +55,7 @@ WORKERS = 1
 THREADS = 8
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
-ALL_TARGETS = ("nginx", "floor", "gateway")
+ALL_TARGETS = ("nginx", "floor", "gateway", "traffic")
 CONN_RUNS = ((8, 2), (1, 1))  # (connections, wrk threads)
 CONCURRENCY_CLIENTS = 64
 SLOW_DELAY = 0.2
@@ -88,6 +92,22 @@ ISTIO_MESH = """serviceMesh:
     enableTelemetry: true
     samplingRate: 1.0
     customHeaders: [x-tenant]
+"""
+
+
+#: ``traffic``: what issue 10 adds to a request's path, all on the measured route.
+TRAFFIC_SERVICE = """    groups:
+      canary:
+        targets: [{target}]
+    rules:
+      - match: {{headers: [{{name: X-Debug-Route, present: true}}]}}
+        group: canary
+    split:
+      groups: [{{group: default, weight: 90}}, {{group: canary, weight: 10}}]
+    circuitBreaker:
+      consecutiveFailures: 5
+      maxConcurrent: 1000
+    rateLimit: {{requests: 100000000, per: second, key: ip}}
 """
 
 
@@ -287,6 +307,7 @@ def start_gateway(
     *,
     sized: bool,
     mesh: str = "none",
+    traffic: bool = False,
 ) -> tuple[Child, int]:
     port = free_port()
     config = tmp / f"{label}.yaml"
@@ -297,7 +318,12 @@ def start_gateway(
             name=service,
             base_path=base_path,
             target=f"http://{HOST}:{upstream_port}",
-            mesh=ISTIO_MESH if mesh == "istio" else "",
+            mesh=(
+                TRAFFIC_SERVICE.format(target=f"http://{HOST}:{upstream_port}")
+                if traffic
+                else ""
+            )
+            + (ISTIO_MESH if mesh == "istio" else ""),
         )
     )
     # TMPDIR: whatever the gateway keeps in the temp dir (its per-port state dir,
@@ -492,12 +518,15 @@ def throughput_scenario(args: argparse.Namespace, tmp: Path, cleanup: list[Child
         "istio": lambda: start_gateway(
             tmp, "istio", "bench", "/bench", nginx_port, sized=True, mesh="istio"
         ),
+        "traffic": lambda: start_gateway(
+            tmp, "traffic", "bench", "/bench", nginx_port, sized=True, traffic=True
+        ),
     }
     # Both proxies stay up (idle between turns) and are measured in alternating rounds;
     # the median of the rounds is reported. A shared 2-core VM drifts over a minute, and
     # back-to-back blocks would charge that drift to whichever target ran second.
     running: dict[str, int] = {}
-    for target in ("floor", "gateway", "istio"):
+    for target in ("floor", "gateway", "traffic", "istio"):
         if target not in args.targets and not (target == "istio" and args.mesh == "istio"):
             continue
         child, port = starters[target]()
@@ -623,20 +652,24 @@ def print_report(results: list[Result]) -> None:
     if p99 is not None:
         verdict = "ok" if p99 <= GOAL_P99 else "ABOVE GOAL"
         print(f"gateway/floor p99 @8 conns = {p99:.2f} (goal <= {GOAL_P99:.2f}) {verdict}")
-    # --mesh istio: the Istio sidecar-mode gateway, measured in the same rounds.
-    for attr, conns, goal, better in (
-        ("rps", 8, GOAL_THROUGHPUT, "ge"),
-        ("p50_ms", 1, GOAL_P50, "le"),
-        ("p99_ms", 8, GOAL_P99, "le"),
+    # traffic management on, and --mesh istio: measured in the same rounds.
+    for target, attr, conns, goal, better in (
+        (t, attr, conns, goal, better)
+        for t in ("traffic", "istio")
+        for attr, conns, goal, better in (
+            ("rps", 8, GOAL_THROUGHPUT, "ge"),
+            ("p50_ms", 1, GOAL_P50, "le"),
+            ("p99_ms", 8, GOAL_P99, "le"),
+        )
     ):
-        value = ratio("istio", "floor", conns, attr)
+        value = ratio(target, "floor", conns, attr)
         if value is None:
             continue
         good = value >= goal if better == "ge" else value <= goal
         name = {"rps": "throughput", "p50_ms": "p50", "p99_ms": "p99"}[attr]
         sign = ">=" if better == "ge" else "<="
         print(
-            f"istio/floor {name} @{conns} conn{'s' if conns > 1 else ''} = {value:.2f} "
+            f"{target}/floor {name} @{conns} conn{'s' if conns > 1 else ''} = {value:.2f} "
             f"(goal {sign} {goal:.2f}) {'ok' if good else 'MISSED'}"
         )
     if ("nginx", 8) in by:
@@ -668,7 +701,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--targets",
         default=",".join(ALL_TARGETS),
-        help="comma-separated subset of nginx,floor,gateway (default: all)",
+        help="comma-separated subset of nginx,floor,gateway,traffic (default: all)",
     )
     p.add_argument(
         "--mesh",

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hmac
+import os
 
 from flask import Blueprint, current_app, jsonify, request
 
 from .errors import GatewayError
 from .mesh.snapshot import Endpoint
+from .reload import reload_view
 from .tap import tap_view
 
 admin_bp = Blueprint("admin", __name__, url_prefix="/admin")
 admin_bp.add_url_rule("/tap", "tap", tap_view, methods=["GET"])  # odin_gw/tap.py
+admin_bp.add_url_rule("/reload", "reload", reload_view, methods=["GET", "POST"])
 
 
 class AdminDenied(GatewayError):
@@ -89,6 +92,7 @@ def services():
             "datacenters": [d for d in service.datacenters if d],
             "targets": [_endpoint(e, route, e.key in active_keys) for e in service.endpoints],
         }
+        doc.update(_resilience(route, gateway, service, active))
         if route.proxy_balances:
             doc["sidecar"] = _linkerd_ingress(route, gateway)
         elif route.sidecar is not None:
@@ -173,6 +177,35 @@ def _endpoint(e: Endpoint, route, active: bool) -> dict:
     doc["url"] = f"{e.scheme}://{e.address}:{e.port}"
     doc["active"] = active
     doc["passive"] = route.health.status(e.key)
+    if route.breakers is not None:
+        doc["circuit"] = route.breakers.status(e.key)
+    return doc
+
+
+def _resilience(route, gateway, service, active) -> dict:
+    """Service-level resilience state in this worker: panic mode, open circuits, the
+    concurrency cap (host-wide), ejections."""
+    from .balancer import choose_pool
+
+    everyone = gateway.every_endpoint(route)
+    _, panic = choose_pool(active, everyone, route.available, route.panic_threshold)
+    doc: dict = {
+        "panic": panic,
+        "panicThreshold": route.panic_threshold,
+        "ejected": route.health.ejected_keys(),
+        "worker": os.getpid(),
+    }
+    if route.breakers is not None:
+        doc["openCircuits"] = route.breakers.open_keys()
+        doc["circuitRejections"] = route.breakers.rejected
+    cap = gateway.concurrency
+    if cap is not None and route.max_concurrent:
+        doc["concurrency"] = {
+            "max": route.max_concurrent,
+            "inflight": cap.inflight(route.service),
+            "rejected": cap.rejected(route.service),
+            "shared": cap.shared,
+        }
     return doc
 
 

@@ -172,7 +172,10 @@ def error_response(status: int, code: str, message: str, **extra):
 
 
 def _gateway_error(exc: GatewayError):
-    return error_response(exc.status, exc.code, exc.message, **exc.details)
+    response = error_response(exc.status, exc.code, exc.message, **exc.details)
+    for name, value in getattr(exc, "headers", ()):  # e.g. a 429's Retry-After
+        response.headers.add(name, value)
+    return response
 
 
 def _not_found(exc):

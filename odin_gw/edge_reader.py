@@ -4,7 +4,8 @@ The edge worker (:mod:`odin_gw.edge_worker`) hands a request to a thread with wh
 event loop read. :class:`EdgeUnreader` gives gunicorn's parser those bytes first, then
 reads the socket: without waiting when data is there, else no longer than the head
 deadline or the minimum body rate allow. :class:`TimeoutAnswer` turns the app's answer
-to a body that was too slow into the ``408`` the client is owed.
+to a body that was too slow into the ``408`` the client is owed, and offers the app the
+:class:`ConnectionHandover` of the request (``environ["odin.handover"]``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from gunicorn.http.body import LengthReader
 from gunicorn.http.parser import RequestParser
 from gunicorn.http.unreader import SocketUnreader
+from gunicorn.http.wsgi import Response as GunicornResponse
 
 from .edge_limits import (
     BodyTooSlow,
@@ -152,10 +154,73 @@ def _receive_timeout(sock) -> float:
     return sec + usec / 1e6 or math.inf
 
 
+#: The environ key of the request's :class:`ConnectionHandover`.
+HANDOVER = "odin.handover"
+
+
 class CurrentRequest(threading.local):
-    """Per request thread: the unreader of a request whose body is still streaming."""
+    """Per request thread: what the worker knows of the request being served.
+
+    ``unreader``: the unreader of a request whose body is still streaming. ``conn``: the
+    gthread connection of an HTTP/1.x request (``None`` while an HTTP/2 stream is
+    served). ``start_response``: gunicorn's, as it was handed to the app.
+    """
 
     unreader: EdgeUnreader | None = None
+    conn = None
+    start_response = None
+
+
+class ConnectionHandover:
+    """Lets the app take the client connection of the HTTP/1.1 request it serves.
+
+    An app that switches protocols (an ``Upgrade`` tunnel, see
+    :mod:`odin_gw.proxy.tunnel`) calls :meth:`take` when it is about to write its own
+    answer head: from then on gunicorn writes nothing on the connection (its response
+    counts as sent) and closes it once the app's answer is done; the app gets the
+    socket and the bytes the client sent past the request head, which the worker had
+    already read. One object per worker; what it hands over is the calling thread's.
+    """
+
+    def __init__(self, current: CurrentRequest, alive) -> None:
+        self._current = current
+        self._alive = alive  # the worker's liveness: False once it is stopping
+
+    def available(self) -> bool:
+        """Whether this thread serves an HTTP/1.x request whose connection can be taken."""
+        current = self._current
+        return current.conn is not None and _gunicorn_response(current) is not None
+
+    def take(self):
+        """``(socket, bytes already read past the request head)``; gunicorn writes
+        nothing more on the connection and closes it after the answer."""
+        current = self._current
+        resp = _gunicorn_response(current)
+        if current.conn is None or resp is None:
+            raise RuntimeError("no HTTP/1.x connection to hand over in this thread")
+        if resp.headers_sent:
+            raise RuntimeError("the answer head was sent already")
+        resp.headers_sent = True  # the app writes its own head
+        resp.force_close()
+        conn = current.conn
+        return conn.sock, conn.parser.unreader.take_buffered()
+
+    def close_after(self) -> None:
+        """gunicorn closes the connection after this answer (``Connection: close``)."""
+        resp = _gunicorn_response(self._current)
+        if resp is not None:
+            resp.force_close()
+
+    def stopping(self) -> bool:
+        """Whether the worker is shutting down (long-lived answers should end)."""
+        return not self._alive()
+
+
+def _gunicorn_response(current: CurrentRequest):
+    # gthread calls the app with its Response's bound start_response (an HTTP/2 stream's
+    # is another class): the answer whose writes and keep-alive a handover governs.
+    owner = getattr(current.start_response, "__self__", None)
+    return owner if type(owner) is GunicornResponse else None
 
 
 class TimeoutAnswer:
@@ -163,15 +228,23 @@ class TimeoutAnswer:
 
     The forwarder turns the failed body read into its own ``400 client_disconnected``;
     the client is told what happened instead, with ``Connection: close``. The app is
-    ``__wrapped__``.
+    ``__wrapped__``. With a ``handover``, each request's environ offers it as
+    ``environ["odin.handover"]``.
     """
 
-    def __init__(self, app, current: CurrentRequest) -> None:
+    def __init__(
+        self, app, current: CurrentRequest, handover: ConnectionHandover | None = None
+    ) -> None:
         self.__wrapped__ = app
         self._current = current
+        self._handover = handover
 
     def __call__(self, environ, start_response):
-        unreader = self._current.unreader
+        current = self._current
+        current.start_response = start_response
+        if self._handover is not None:
+            environ[HANDOVER] = self._handover
+        unreader = current.unreader
         if unreader is None:  # the whole request was buffered: nothing left to time out
             return self.__wrapped__(environ, start_response)
         replaced: list[bool] = []

@@ -27,6 +27,11 @@ are not handled by the event loop: with any of them set the worker logs a warnin
 start and serves every connection exactly as gthread does (TLS handshake and head read
 in a thread), without the slow-client limits. Terminate TLS in front of the gateway to
 keep them. A connection upgraded to HTTP/2 (``Upgrade: h2c``) is served as under gthread.
+
+A request may take its connection over (``environ["odin.handover"]``, a
+:class:`~odin_gw.edge_reader.ConnectionHandover`): an ``Upgrade`` tunnel writes its own
+``101`` and relays in its thread; gunicorn writes nothing more and the connection is
+closed (lingering, as any other) when the request ends.
 """
 
 from __future__ import annotations
@@ -35,10 +40,13 @@ import contextlib
 import errno
 import heapq
 import itertools
+import logging
 import math
 import os
 import selectors
 import socket
+import sys
+import threading
 import time
 from functools import partial
 
@@ -53,7 +61,13 @@ from .edge_limits import (
     timeout_detail,
     timeout_response,
 )
-from .edge_reader import CurrentRequest, EdgeParser, EdgeUnreader, TimeoutAnswer
+from .edge_reader import (
+    ConnectionHandover,
+    CurrentRequest,
+    EdgeParser,
+    EdgeUnreader,
+    TimeoutAnswer,
+)
 
 #: First read of a request in the event loop; most heads and small bodies fit.
 RECV_SIZE = 64 * 1024
@@ -140,7 +154,8 @@ class EdgeWorker(gthread.ThreadWorker):
             phase: timeout_response(timeout_detail(phase, self.limits))
             for phase in ("head", "body")
         }
-        self.wsgi = TimeoutAnswer(self.wsgi, self._current)
+        handover = ConnectionHandover(self._current, lambda: self.alive)
+        self.wsgi = TimeoutAnswer(self.wsgi, self._current, handover)
 
     def _server_config(self):
         """``server.*`` of the config the app loaded, else of ``ODIN_CONFIG`` (once)."""
@@ -292,6 +307,56 @@ class EdgeWorker(gthread.ThreadWorker):
         self.slow_log.flush()
         return None
 
+    def run(self) -> None:
+        super().run()
+        if self.nr_conns > 0:  # the drain ended on server.gracefulTimeout
+            self._cut_at_exit()
+
+    def _cut_at_exit(self) -> None:
+        """Let the process end once gunicorn's own exit steps are done, cutting what runs.
+
+        Past ``graceful_timeout`` gthread stops waiting, but Python still joins the
+        request threads at exit, for as long as their upstreams take: a reload's old
+        worker would outlive the graceful timeout (on shutdown the master's SIGKILL ends
+        it). A threading exit hook, which Python runs before it joins the threads (after
+        gunicorn's "Worker exiting" line and ``worker_exit`` hook), flushes the logs and
+        ends the process; the clients still connected see their connections closed.
+        """
+        self.log.warning(
+            "graceful timeout (%ss) over: closing %d connection(s) still open",
+            self.cfg.graceful_timeout,
+            self.nr_conns,
+        )
+        # concurrent.futures joins its threads through the same private hook; hooks run
+        # last registered first, so this one runs before that join.
+        register = getattr(threading, "_register_atexit", None)
+        if register is not None:  # without it, the master's worker timeout ends the worker
+            register(_exit_now)
+
+    def murder_keepalived(self, force: bool = False) -> None:
+        """Close the kept-alive connections due; while stopping, without resetting any.
+
+        gthread closes them outright: a request that reached one between the poll and
+        the close is then answered by a reset (the client could not have known). While
+        the worker stops, a connection whose next request (or close) already arrived is
+        read like any other (answered with ``Connection: close``), and the others are
+        closed write side first (a FIN) and drained, never reset. ``force`` (the end of
+        the graceful timeout) closes them all, as gthread does.
+        """
+        if self.alive or force or not self.edge:
+            return super().murder_keepalived(force)
+        now = time.monotonic()
+        while self.keepalived_conns and self.keepalived_conns[0].timeout <= now:
+            conn = self.keepalived_conns[0]
+            if _has_bytes(conn.sock):
+                self.on_client_socket_readable(conn, conn.sock)  # takes it off the deque
+                continue
+            self.keepalived_conns.popleft()
+            self.nr_conns -= 1
+            conn.watching = "keepalive"  # registered by gthread's finish_request
+            self.linger(conn)
+        return None
+
     def _begin_stop(self) -> None:
         # Connections that have not sent a byte yet get what kept-alive ones get.
         self._stopping = True
@@ -313,6 +378,9 @@ class EdgeWorker(gthread.ThreadWorker):
                 self._time_out(conn)
 
     def _time_out(self, conn: EdgeConn) -> None:
+        if self._stopping and not conn.buf and _has_bytes(conn.sock):
+            self.receive(conn)  # its first bytes came as the stop cap ran out: read them
+            return
         self._forget(conn)
         self.nr_conns -= 1
         if not conn.buf:  # never sent a byte: an idle (pre-)connection, closed quietly
@@ -357,15 +425,18 @@ class EdgeWorker(gthread.ThreadWorker):
     # -- request threads --------------------------------------------------------------
 
     def handle_request(self, req, conn):
+        current = self._current
+        current.conn = conn  # what a ConnectionHandover hands over (an Upgrade tunnel)
         unreader = getattr(conn.parser, "unreader", None)
-        if not isinstance(unreader, EdgeUnreader):
-            return super().handle_request(req, conn)
-        unreader.begin_body(req)
-        self._current.unreader = None if conn.whole else unreader
         try:
+            if isinstance(unreader, EdgeUnreader):
+                unreader.begin_body(req)
+                current.unreader = None if conn.whole else unreader
             return super().handle_request(req, conn)
         finally:
-            self._current.unreader = None
+            current.unreader = None
+            current.conn = None
+            current.start_response = None
 
     def handle_error(self, req, client, addr, exc) -> None:
         if isinstance(exc, ClientTooSlow):  # already counted by the unreader
@@ -373,6 +444,25 @@ class EdgeWorker(gthread.ThreadWorker):
                 client.sendall(timeout_response(exc.message))
             return
         super().handle_error(req, client, addr, exc)
+
+
+def _has_bytes(sock: socket.socket) -> bool:
+    """Whether a non-blocking socket has bytes (or its end, or an error) to read."""
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # receive() sees the error and closes
+    return True
+
+
+def _exit_now() -> None:
+    with contextlib.suppress(Exception):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(0)
 
 
 def _kept_alive(fs) -> bool:

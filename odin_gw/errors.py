@@ -68,6 +68,15 @@ class NoHealthyTarget(GatewayError):
     code = "no_healthy_target"
 
 
+class ServiceOverloaded(GatewayError):
+    """The service's ``circuitBreaker.maxConcurrent`` requests are in flight already: the
+    request is refused at once (Envoy's overflow), nothing is sent upstream."""
+
+    status = 503
+    code = "service_overloaded"
+    headers = (("Retry-After", "1"),)
+
+
 class UpstreamError(GatewayError):
     """The chosen target failed; the request may or may not have reached it."""
 

@@ -13,6 +13,7 @@ from .mesh.cluster_names import cluster_services
 from .mesh.headers import injectors_for
 from .mesh.manager import MeshManager
 from .mesh.snapshot import Endpoint, ServiceEndpoints, Snapshot
+from .mesh.state import StateDirError, check_private_dir
 from .mesh.tls import TlsMaterial
 from .metrics import GatewayMetrics
 from .proxy.forwarder import Forwarder
@@ -21,6 +22,9 @@ from .retry_budget import DEFAULT_KEYS, BudgetStore
 from .route_policy import ServicePolicy, config_policy
 from .routing import Route, RouteTable
 from .tap_hub import TapHub
+from .traffic.concurrency import ConcurrencyCap
+from .traffic.events import TrafficEvents
+from .traffic.rate_limit import RateLimits
 
 log = logging.getLogger("odin_gw")
 
@@ -38,8 +42,8 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig, manager: MeshManager | None = None) -> None:
         self.config = config
-        self.routes = RouteTable.from_config(config)
         self.metrics = GatewayMetrics()
+        self.routes = RouteTable.from_config(config, TrafficEvents(self.metrics))
         self.injectors = injectors_for(config)
         # gunicorn.conf.py exports the thread count it chose (ODIN_THREADS beats config).
         threads = int(os.environ.get("ODIN_THREADS") or config.server.threads or DEFAULT_THREADS)
@@ -52,9 +56,13 @@ class Gateway:
         # service's policy text changes; retry budgets count in the state dir, shared by
         # every worker (the dir is known only in the worker: read when first used).
         self.budgets = BudgetStore(
-            lambda: self.mesh.state.path if self.mesh.active else None,
+            self.shared_dir,
             keys=max(DEFAULT_KEYS, 1 << (2 * len(self.routes)).bit_length()),
         )
+        # circuitBreaker.maxConcurrent, counted over the host's workers.
+        caps = {r.name: r.max_concurrent for r in self.routes.entries if r.max_concurrent}
+        self.concurrency = ConcurrencyCap(self.shared_dir, caps) if caps else None
+        self._shared_dir_error: str | None = None
         self.policies: MappingProxyType = MappingProxyType({})  # route -> ServicePolicy
         # The gateway's own per-route policy (tryTimeout, retryPolicy), under the mesh's.
         self.config_policies = {
@@ -64,6 +72,7 @@ class Gateway:
         self._on_snapshot(self.mesh.snapshot, self.mesh.tls)
         self.forwarder = Forwarder(self)
         self.tap = TapHub.for_gateway(config, self.mesh)  # None unless linkerd.enableTap
+        self.rate_limits = RateLimits.for_gateway(self)  # None unless a rateLimit is set
         # istio.enablePolicyCheck: the ext_authz check before each proxied request.
         self.ext_authz = ExtAuthz.from_config(config, self.forwarder.outbound, pool_size=threads)
         logs = config.logging
@@ -72,6 +81,20 @@ class Gateway:
             if logs.access_log and logs.level in ("debug", "info")
             else None
         )
+
+    def shared_dir(self) -> str | None:
+        """The gateway's private state dir, for counts every worker of the host shares
+        (retry budgets, concurrency caps): created on first use, with or without a mesh;
+        ``None`` (counts stay per worker) when it cannot be used, logged once."""
+        path = self.config.service_mesh.state_dir or self.mesh.state.path
+        try:
+            check_private_dir(path)
+        except StateDirError as exc:
+            if self._shared_dir_error is None:
+                self._shared_dir_error = str(exc)
+                log.warning("shared counts stay per worker: %s", exc)
+            return None
+        return path
 
     def start(self) -> None:
         self.mesh.start()
@@ -84,6 +107,10 @@ class Gateway:
         self.mesh.stop()
         self.session.close()
         self.budgets.close()
+        if self.concurrency is not None:
+            self.concurrency.close()
+        if self.rate_limits is not None:
+            self.rate_limits.close()
         if self.ext_authz is not None:
             self.ext_authz.close()
         if self.access_log is not None:
@@ -129,6 +156,8 @@ class Gateway:
             views[route.name] = (service, active, dc, every)
             built[route.name] = service
             route.health.prune(route_keys)  # targets that left: forget their failures
+            if route.breakers is not None:
+                route.breakers.prune(route_keys)
             if route_keys != self._route_keys.get(route.name):
                 self._route_keys[route.name] = route_keys
                 keys_changed = True

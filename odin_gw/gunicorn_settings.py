@@ -7,17 +7,24 @@ package needs no checkout; the checkout's ``gunicorn.conf.py`` re-exports it for
 
 The config file (``ODIN_CONFIG``, default ``config.yaml``) is validated here, in the
 master, so a bad file stops gunicorn before any worker starts, with the same messages as
-``odin-gw check-config``. On a reload (``SIGHUP``) a bad file is logged with those
-messages and the running configuration stays: the previous settings are kept, and the
-workers gunicorn starts for the reload get the previous configuration (workers use the
-master's validated copy, inherited through fork in :mod:`odin_gw.master_state`, so what
-runs is what the master validated; no secret travels in the environment).
+``odin-gw check-config`` (secret values redacted). On a reload (``SIGHUP``, or
+``POST /admin/reload``, which validates first and then signals the master) a bad file is
+logged with those messages and the running configuration stays: the previous settings
+are kept, and the workers gunicorn starts for the reload get the previous configuration
+(workers use the master's validated copy, inherited through fork in
+:mod:`odin_gw.master_state`, so what runs is what the master validated; no secret travels
+in the environment). A good file becomes the next generation of
+:mod:`odin_gw.master_state`; gunicorn starts new workers with it and stops the old ones
+gracefully (``server.gracefulTimeout``). See :mod:`odin_gw.reload` for the hand-over of
+discovery and for the admin endpoint.
 
 Hooks: ``when_ready``/``pre_fork`` export the addresses gunicorn really bound as
 ``ODIN_BIND`` (the state dir is keyed on them: ``-b`` wins over ``server.port``) and
 ``when_ready`` checks the state dir once, in the master, refusing to start with one clear
 message when it is unsafe. With ``--preload`` the app is built in the master but its mesh
-threads start in each worker (``post_worker_init``), never in the master.
+threads start in each worker (``post_worker_init``), never in the master; ``on_reload``
+builds it again from a new configuration. ``post_worker_init`` also makes ``SIGTERM``
+hand discovery over at once (:func:`odin_gw.reload.hand_over_discovery_on_exit`).
 """
 
 import glob
@@ -27,7 +34,7 @@ import sys
 import tempfile
 
 from odin_gw import master_state
-from odin_gw.config import ConfigError, load_config, parse_config
+from odin_gw.config import ConfigError
 from odin_gw.process_limits import raise_open_files_limit
 
 __all__ = [
@@ -44,6 +51,7 @@ __all__ = [
     "limit_request_fields",
     "limit_request_line",
     "loglevel",
+    "on_reload",
     "on_starting",
     "post_worker_init",
     "pre_fork",
@@ -65,38 +73,33 @@ WORKER_CLASSES = {
 }
 
 _path = os.environ.get("ODIN_CONFIG", "config.yaml")
-# Set in the master by its first read: a later read in the same process is a reload, and
-# an app built in this process is a preloaded one (its threads start after fork).
-_reload = os.environ.get("ODIN_GUNICORN_MASTER_PID") == str(os.getpid())
+# A later read of this file in a process that already loaded a configuration is a reload
+# (the module state survives gunicorn's re-reads, and --daemon's fork after the first).
+_reload = bool(master_state.LAST_GOOD)
+# Also an app built in this process is a preloaded one (its threads start after fork);
+# on_starting says it again after --daemon's fork changed the pid.
 os.environ["ODIN_GUNICORN_MASTER_PID"] = str(os.getpid())
 
-
-def _load(path):
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError:
-        return load_config(path), None  # raises ConfigError with the usual message
-    return parse_config(text, source=path), text
-
-
 try:
-    _cfg, _text = _load(_path)
+    _cfg, _text = master_state.read_config(_path)
 except ConfigError as _exc:
+    master_state.record_refused(_path, _exc.problems)
     _problems = "\n".join(f"  {p}" for p in _exc.problems)
-    if not (_reload and master_state.LAST_GOOD):
+    if not _reload:
         sys.stderr.write(f"odin-gw: {_exc}\n")
         sys.exit(2)
     sys.stderr.write(
-        f"odin-gw: reload refused, the running configuration stays: {_path}: "
-        f"invalid configuration\n{_problems}\n"
+        f"odin-gw: reload refused, the running configuration stays (generation "
+        f"{master_state.LAST_GOOD['generation']}): {_path}: invalid configuration\n"
+        f"{_problems}\n"
     )
     sys.stderr.flush()
     _cfg, _text = master_state.LAST_GOOD["config"], master_state.LAST_GOOD["text"]
 else:
+    _generation = master_state.record_applied(_path, _text, _cfg)
     if _reload:
-        sys.stderr.write(f"odin-gw: configuration {_path} reloaded\n")
-    master_state.LAST_GOOD.update(path=_path, text=_text, config=_cfg)
+        sys.stderr.write(f"odin-gw: configuration {_path} reloaded (generation {_generation})\n")
+        sys.stderr.flush()
 
 _server = _cfg.server
 
@@ -161,12 +164,18 @@ if not _reload:
 
 
 def on_starting(server):
+    os.environ["ODIN_GUNICORN_MASTER_PID"] = str(os.getpid())  # the arbiter's, for workers
+    _announce(server)
+    os.environ["ODIN_NOTICES_LOGGED"] = "1"  # workers need not repeat them
+
+
+def _announce(server):
+    """Log the config's notices and size the open-files limit for its mesh watches."""
     for notice in _cfg.notices:
         server.log.warning("config: %s", notice)
     said = raise_open_files_limit(_mesh_watches(_cfg))
     if said:
         (server.log.warning if said.startswith("WARNING") else server.log.info)("%s", said)
-    os.environ["ODIN_NOTICES_LOGGED"] = "1"  # workers need not repeat them
 
 
 def _mesh_watches(cfg):
@@ -208,6 +217,20 @@ def post_worker_init(worker):
     gateway = _gateway_of(worker)
     if gateway is not None:
         gateway.start()
+        from odin_gw.reload import hand_over_discovery_on_exit
+
+        hand_over_discovery_on_exit(gateway)
+
+
+def on_reload(server):
+    # In the master, after this file was read again, before the new workers are forked.
+    if master_state.LAST_ATTEMPT.get("outcome") != "applied":
+        return  # refused: the workers get the configuration they had
+    _announce(server)
+    if server.cfg.preload_app:
+        from odin_gw.reload import rebuild_preloaded_app
+
+        rebuild_preloaded_app(server)
 
 
 def _gateway_of(worker):

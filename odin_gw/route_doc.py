@@ -135,7 +135,7 @@ def _rule(rule, counts) -> dict:
         }
     if rule.rate_limit is not None:
         doc["rateLimit"] = _limit(rule.rate_limit)
-    doc["requests"] = sum(c.get(f"rule{rule.index}", 0) for c in counts.values())
+    doc["requests"] = sum(c.get(f"rule-{rule.index}", 0) for c in counts.values())
     return doc
 
 

@@ -15,6 +15,8 @@ from .config.model import GatewayConfig, ServiceConfig
 from .mesh.snapshot import Endpoint, ServiceEndpoints
 from .passive_health import PassiveHealth
 from .proxy.retry import RetryPolicy
+from .traffic.breaker import CircuitBreakers
+from .traffic.events import TrafficEvents
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,6 +65,18 @@ class Route:
     service: str = ""
     #: Request bodies up to this size are buffered, so that a retry can send them again.
     buffer_body: int = 64 * 1024
+    #: Per-endpoint circuit breakers (``circuitBreaker``), ``None`` when not configured.
+    breakers: CircuitBreakers | None = field(default=None, repr=False)
+    #: ``panicThreshold`` percent (0: only when none is healthy; ``None``: never).
+    panic_threshold: float | None = 0.0
+    #: ``circuitBreaker.maxConcurrent`` of the service (all its groups together).
+    max_concurrent: int | None = None
+
+    def available(self, key: str) -> bool:
+        """This worker's verdict on an endpoint: not ejected, circuit not open."""
+        return self.health.available(key) and (
+            self.breakers is None or self.breakers.available(key)
+        )
 
     def backend(self, group: str | None) -> Route:
         """The route of backend ``group`` (``None`` or ``"default"``: this one)."""
@@ -72,7 +86,11 @@ class Route:
 
     @classmethod
     def from_config(
-        cls, svc: ServiceConfig, gateway: GatewayConfig, groups: dict[str, Route] | None = None
+        cls,
+        svc: ServiceConfig,
+        gateway: GatewayConfig,
+        groups: dict[str, Route] | None = None,
+        events: TrafficEvents | None = None,
     ) -> Route:
         read = svc.timeout or gateway.server.timeout
         connect = min(svc.connect_timeout or gateway.server.connect_timeout, read)
@@ -103,7 +121,9 @@ class Route:
             mesh_service=svc.mesh_service or svc.name,
             static=static,
             balancer=make_balancer(svc.load_balancing),
-            health=PassiveHealth(svc.passive_health),
+            health=PassiveHealth(
+                svc.passive_health, on_eject=events.ejected(svc.name) if events else None
+            ),
             base_depth=0 if svc.base_path == "/" else svc.base_path.count("/"),
             idle_timeout=svc.idle_timeout or read,
             retry=RetryPolicy.from_config(svc),
@@ -114,6 +134,9 @@ class Route:
             group=svc.group_of[1] if svc.group_of else "default",
             service=svc.group_of[0] if svc.group_of else svc.name,
             buffer_body=max(svc.retry_policy.buffer_body, 0),
+            breakers=_breakers(svc, events),
+            panic_threshold=svc.panic_threshold,
+            max_concurrent=cb.max_concurrent if (cb := svc.circuit_breaker) else None,
         )
 
     def upstream_path(self, raw_path: str) -> str:
@@ -130,6 +153,14 @@ class Route:
             if cut < 0:
                 return "/"
         return raw_path[cut:]
+
+
+def _breakers(svc: ServiceConfig, events: TrafficEvents | None) -> CircuitBreakers | None:
+    cb = svc.circuit_breaker
+    if cb is None or (cb.consecutive_failures <= 0 and cb.failure_rate is None):
+        return None  # no trigger configured (maxConcurrent alone): nothing to track
+    on_change = events.circuit(svc.name) if events else None
+    return CircuitBreakers(cb, on_change=on_change, service=svc.name)
 
 
 def sidecar_endpoint(svc: ServiceConfig, gateway: GatewayConfig) -> Endpoint | None:
@@ -200,13 +231,19 @@ class RouteTable:
         self._max_depth = max((r.base_depth for r in routes), default=0)
 
     @classmethod
-    def from_config(cls, config: GatewayConfig) -> RouteTable:
+    def from_config(cls, config: GatewayConfig, events: TrafficEvents | None = None) -> RouteTable:
+        """The table of ``config``; ``events`` (the gateway's metrics listeners) is told
+        of circuit and ejection changes."""
         groups: dict[str, dict[str, Route]] = {}
         for backend in config.backends:
             if backend.group_of is not None:
                 service, group = backend.group_of
-                groups.setdefault(service, {})[group] = Route.from_config(backend, config)
-        return cls([Route.from_config(s, config, groups.get(s.name)) for s in config.services])
+                groups.setdefault(service, {})[group] = Route.from_config(
+                    backend, config, events=events
+                )
+        return cls(
+            [Route.from_config(s, config, groups.get(s.name), events) for s in config.services]
+        )
 
     def match(self, path: str) -> Route | None:
         """The route for ``path`` (decoded, starting with ``/``), or ``None``.

@@ -89,7 +89,9 @@ def serving_worker():
     its bound ``handle_exit`` as the SIGTERM handler before it loads the app, so the
     handler's ``__self__`` is the worker. Pinned by an integration test.
     """
-    worker = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    handler = signal.getsignal(signal.SIGTERM)
+    handler = getattr(handler, "__wrapped__", handler)  # reload's discovery hand-over
+    worker = getattr(handler, "__self__", None)
     return worker if hasattr(worker, "alive") else None
 
 

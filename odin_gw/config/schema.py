@@ -312,6 +312,21 @@ class ServiceSchema(Section):
                         f"override value {value!r} names {name!r}, not a group of this service",
                         "split",
                     )
+        rules = data.get("rules")
+        if rules:
+            from ..traffic.rules import RuleError, RuleSet
+
+            try:  # what the worker compiles, checked here so a bad rule never boots
+                RuleSet.compile(tuple(replace(r, index=i) for i, r in enumerate(rules)))
+            except RuleError as exc:
+                raise ValidationError(str(exc), "rules") from None
+        if split is not None:
+            from ..traffic.split import Split, SplitError
+
+            try:
+                Split.compile(split, data.get("name") or "service")
+            except SplitError as exc:
+                raise ValidationError(str(exc), "split") from None
         for token in data.get("upgrades") or ():
             if not is_token(token) or token.lower() == "h2c":
                 raise ValidationError(

@@ -17,7 +17,9 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter, RequestRedirect, Rule
 
 from ..errors import BadRequest, MethodRefused, RouteNotFound
+from ..traffic.plan import TrafficPlan
 from .outbound import raw_path
+from .tunnel import Tunnels
 
 ENDPOINT = "proxy.forward"
 
@@ -43,6 +45,13 @@ class ProxyView:
         self.own_paths = frozenset(own)
         self.own_dirs = tuple(p.rstrip("/") + "/" for p in own)
         self.ext_authz = gateway.ext_authz  # None unless istio.enablePolicyCheck
+        self.tunnels = Tunnels(gateway)  # Upgrade tunnels of this worker
+        # Services with rate limits, rules or a split; the others are forwarded directly.
+        self.plans: dict[str, TrafficPlan] = {}
+        for route in gateway.routes.entries:
+            plan = TrafficPlan.for_route(route, gateway.rate_limits, gateway.metrics)
+            if plan is not None:
+                self.plans[route.name] = plan
 
     def __call__(self, path: str = ""):
         environ = request.environ
@@ -77,6 +86,13 @@ class ProxyView:
             denied = self.ext_authz.check(environ, route, exchange)
             if denied is not None:
                 return denied
+        plan = self.plans.get(route.name) if self.plans else None
+        if "HTTP_UPGRADE" in environ and self.tunnels.accepts(environ, route):
+            if plan is not None:
+                plan.check_service_limit(environ, exchange)
+            return self.tunnels.open(environ, route, exchange)  # WebSocket & co.
+        if plan is not None:  # rate limits, rules, split (odin_gw/traffic/plan.py)
+            return plan.handle(environ, exchange, routed, self.gateway.forwarder)
         return self.gateway.forwarder.forward(environ, route, exchange)
 
     @staticmethod
@@ -143,8 +159,13 @@ def _register(state) -> None:
     # coroutine function on every request, which is cheap for a method and costly for
     # a callable object.
     app.view_functions[ENDPOINT] = ProxyView(app.extensions["odin"]).__call__
-    app.url_map.add(CatchAllRule("/", defaults={"path": ""}, endpoint=ENDPOINT))
-    app.url_map.add(CatchAllRule("/<path:path>", endpoint=ENDPOINT))
+    # werkzeug matches a request with "Upgrade: websocket" only to websocket rules (else
+    # WebsocketMismatch, 400): the same catch-all for those, whatever the route allows.
+    for websocket in (False, True):
+        app.url_map.add(
+            CatchAllRule("/", defaults={"path": ""}, endpoint=ENDPOINT, websocket=websocket)
+        )
+        app.url_map.add(CatchAllRule("/<path:path>", endpoint=ENDPOINT, websocket=websocket))
 
 
 proxy_bp.record_once(_register)

@@ -10,6 +10,7 @@ import struct
 import time
 import weakref
 from collections.abc import Iterator, Mapping
+from functools import partial
 from time import monotonic
 from types import MappingProxyType
 
@@ -24,6 +25,7 @@ from urllib3.exceptions import (
 
 from ..errors import (
     NoHealthyTarget,
+    ServiceOverloaded,
     UpstreamError,
     UpstreamIdentityError,
     UpstreamProtocolError,
@@ -55,6 +57,9 @@ log = logging.getLogger("odin_gw.proxy")
 # Retries after these failures draw on the route's retry budget: the upstream saw the
 # request. A connect failure sent nothing; a stale keep-alive is routine.
 BUDGETED = frozenset({Failure.RESET, Failure.TRY_TIMEOUT, Failure.STATUS})
+# Answers that count as the endpoint failing, for circuit breakers (and 5xx ejection):
+# Envoy's gateway errors.
+GATEWAY_FAILURES = frozenset({502, 503, 504})
 # Upstream bodies up to this size are read whole before the answer starts.
 SMALL_BODY = 64 * 1024
 NO_BODY_STATUS = frozenset({204, 304})
@@ -180,7 +185,31 @@ class Forwarder:
         except (OSError, AttributeError, TypeError):
             pass  # not a kernel socket (e.g. a TLS wrapper in a test server)
 
-    def forward(self, environ: dict, route: Route, exchange: Exchange) -> Response:
+    def forward(self, environ: dict, route: Route, exchange: Exchange, rule=None) -> Response:
+        """Forward the request in ``environ`` along ``route`` (see :meth:`_forward`), within
+        the service's cap on concurrent requests (``circuitBreaker.maxConcurrent``, held
+        until the answer's last byte is sent); raises ``GatewayError``."""
+        cap = self.gateway.concurrency if route.max_concurrent else None
+        if cap is None:
+            return self._forward(environ, route, exchange, rule)
+        service = route.service
+        if not cap.try_acquire(service):
+            self.gateway.metrics.circuit_rejected.labels(service, "max_concurrent").inc()
+            exchange.error_kind = ServiceOverloaded.code
+            raise ServiceOverloaded(
+                f"{service}: {route.max_concurrent} requests in flight already "
+                "(circuitBreaker.maxConcurrent)",
+                service=service,
+            )
+        try:
+            response = self._forward(environ, route, exchange, rule)
+        except BaseException:
+            cap.release(service)
+            raise
+        response.call_on_close(partial(cap.release, service))
+        return response
+
+    def _forward(self, environ: dict, route: Route, exchange: Exchange, rule=None) -> Response:
         """Forward the request in ``environ`` along ``route``; raises ``GatewayError``.
 
         The route's timeout is one deadline for the answer head, shared by every attempt
@@ -189,11 +218,14 @@ class Forwarder:
         bound each attempt (``try_timeout``) and retry answers whose status it names,
         while the request body is replayable, its limit and its retry budget allow and
         time is left; the last answer is relayed when no retry is allowed.
+
+        ``rule``: the traffic rule that chose ``route`` (a backend group's), whose path
+        rewrite and request header edits apply (:mod:`odin_gw.traffic.rules`).
         """
         client_sock = environ.get("gunicorn.socket")
         if client_sock is not None:
             self._bound_client_io(client_sock)
-        out = self.outbound.build(environ, route, exchange)
+        out = self.outbound.build(environ, route, exchange, rule)
         method, url, headers = out.method, out.url, out.headers
         body, chunked, replayable = out.body, out.chunked, out.replayable
         timeout = route.timeout.read_timeout
@@ -216,25 +248,49 @@ class Forwarder:
 
         gateway = self.gateway
         candidates = gateway.candidates(route)
+        everyone = gateway.every_endpoint(route)
         session = gateway.session
         balancer = route.balancer
         health = route.health
+        breakers = route.breakers
+        available = route.available
+        threshold = route.panic_threshold
         tried: list[str] = []
         error: UpstreamError | None = None
         endpoint: Endpoint | None = None
+        ticket = 0  # the circuit breaker's admission of the current attempt (0: none)
+        panicked = False
         fresh = False  # after a stale keep-alive: a new connection, not another pooled one
         again = False  # an answer retry may go back to an endpoint tried already
         while True:
             if endpoint is None:
-                endpoint = balancer.pick(candidates, tried, health.available)
+                pick = balancer.select(candidates, everyone, tried, available, threshold)
+                endpoint = pick.endpoint
                 if endpoint is None and again:
                     # Every endpoint tried (one sidecar: the same one, whose proxy
                     # balances again): any of them, as Linkerd's retries do.
-                    endpoint = balancer.pick(candidates, (), health.available)
+                    pick = balancer.select(candidates, everyone, (), available, threshold)
+                    endpoint = pick.endpoint
+                if pick.panic and not panicked:
+                    panicked = True
+                    gateway.metrics.panic.labels(route.service).inc()
+                    log.warning(
+                        "%s: panic mode, too few healthy endpoints; balancing over all %d "
+                        "(request %s)",
+                        route.name,
+                        len(everyone),
+                        exchange.request_id,
+                    )
                 if endpoint is None:
                     break
                 if endpoint.key not in tried:
                     tried.append(endpoint.key)
+                ticket = breakers.allow(endpoint.key) if breakers is not None else 0
+                if breakers is not None and not ticket and not pick.panic:
+                    # Its half-open probes are all taken: another endpoint, if any.
+                    gateway.metrics.circuit_rejected.labels(route.service, "circuit_open").inc()
+                    endpoint = None
+                    continue
             exchange.target = endpoint.key
             exchange.datacenter = endpoint.datacenter
             exchange.peer_identity = endpoint.identity
@@ -264,6 +320,12 @@ class Forwarder:
             except TransportError as exc:
                 balancer.finished(endpoint)
                 failure = exc.failure
+                if ticket:
+                    if failure is Failure.STALE:  # the endpoint never saw it
+                        breakers.release(endpoint.key, ticket)
+                    else:
+                        breakers.record(endpoint.key, False, ticket)
+                    ticket = 0
                 if (
                     failure is Failure.TIMEOUT
                     and attempt_deadline < deadline
@@ -274,11 +336,7 @@ class Forwarder:
                 if failure is Failure.CONNECT:
                     health.failed(endpoint.key)
                 policy = policy.after(failure, method, replayable)
-                if (
-                    policy is not None
-                    and failure in BUDGETED
-                    and not _spend(mesh, monotonic())
-                ):
+                if policy is not None and failure in BUDGETED and not _spend(mesh, monotonic()):
                     # The budget is asked last: a refusal spends nothing.
                     log.info(
                         "%s: retry budget exhausted, no retry after %s (request %s)",
@@ -311,9 +369,15 @@ class Forwarder:
                 continue
             except BaseException as exc:
                 balancer.finished(endpoint)
+                if ticket:
+                    breakers.release(endpoint.key, ticket)
                 exchange.error_kind = getattr(exc, "code", None) or "internal_error"
                 raise
-            health.succeeded(endpoint.key)
+            status = resp.status
+            health.answered(endpoint.key, status)
+            if ticket:
+                breakers.record(endpoint.key, status not in GATEWAY_FAILURES, ticket)
+                ticket = 0
             if policy.statuses and policy.retries_status(resp.status):
                 retry = policy.after(Failure.STATUS, method, replayable)
                 if retry is not None and monotonic() < deadline and _spend(mesh, monotonic()):

@@ -46,7 +46,11 @@ class OutboundBuilder:
         self.strip_untrusted = strip | UNTRUSTED_ONLY
         self.strip_prefixes = strip_prefixes
 
-    def build(self, environ: dict, route: Route, exchange: Exchange) -> Outbound:
+    def build(self, environ: dict, route: Route, exchange: Exchange, rule=None) -> Outbound:
+        """The upstream request for ``environ`` on ``route``; ``rule`` (a matched traffic
+        rule, or ``None``) rewrites the path prefix (instead of ``stripBasePath``) and
+        edits headers after the service's own ``headers`` and before the mesh's and the
+        request id, so a rule can never overwrite those."""
         forwarding = exchange.forwarding
         strip = self.strip if forwarding is not None else self.strip_untrusted
         headers = upstream_headers(environ, strip, self.strip_prefixes)
@@ -54,11 +58,13 @@ class OutboundBuilder:
         _forwarded(environ, route, headers, exchange)
         for name, value in route.headers:
             headers[name] = value
+        if rule is not None:
+            rule.apply_request(headers)
         for name, value in exchange.mesh_headers:
             headers[name] = value
         headers["X-Request-Id"] = exchange.request_id
         raw = environ.get("odin.raw_path") or raw_path(environ)  # the blueprint's, if any
-        url = route.upstream_path(raw)
+        url = (rule.try_rewrite(raw) if rule is not None else None) or route.upstream_path(raw)
         query = environ.get("QUERY_STRING")
         if query:
             url = f"{url}?{query}"

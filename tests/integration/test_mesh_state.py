@@ -55,6 +55,24 @@ def test_no_state_dir_without_a_mesh(tmp_path, gateway_factory, upstream):
         env={"RUNTIME_DIRECTORY": str(runtime)},
     )
     assert servers(gw, "/web/x") == {"a"}
+    # No discovery state: only the shared retry-budget counts (retries: 1 has the
+    # default budget), in a private dir of this instance.
+    (state,) = runtime.iterdir()
+    assert state.stat().st_mode & 0o777 == 0o700
+    assert [p.name for p in state.iterdir()] == [
+        next(p.name for p in state.iterdir() if p.name.startswith("retry-budget-"))
+    ]
+
+
+def test_no_state_dir_without_a_mesh_or_shared_counts(tmp_path, gateway_factory, upstream):
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    gw = gateway_factory(
+        {"services": [{"name": "web", "basePath": "/web", "targets": [upstream.url],
+                       "retries": 0}]},
+        env={"RUNTIME_DIRECTORY": str(runtime)},
+    )
+    assert servers(gw, "/web/x") == {"a"}
     assert list(runtime.iterdir()) == []
 
 

@@ -46,7 +46,12 @@ class StubGateway:
         self.session = UpstreamSession(pool_size=4)
         self.routes = RouteTable.from_config(config)
 
+        self.concurrency = None
+
     def candidates(self, route):
+        return route.static.endpoints
+
+    def every_endpoint(self, route):
         return route.static.endpoints
 
 
@@ -431,10 +436,20 @@ def test_least_request_in_flight_returns_to_zero_after_each_failure(harness, kin
 
 
 def test_no_candidates_is_503(harness):
-    h = harness(["http://127.0.0.1:9"])
+    h = harness(["http://127.0.0.1:9"], panicThreshold="off")
     h.gateway.candidates = lambda route: ()
     error, exchange = h.fail()
     assert isinstance(error, NoHealthyTarget) and exchange.error_kind == "no_healthy_target"
+
+
+def test_no_healthy_candidate_is_panic_mode_over_every_endpoint(harness):
+    with RawUpstream([Reply(ok(b"still here"))]) as up:
+        h = harness([up.url])  # panicThreshold 0: panic when none is healthy
+        h.gateway.candidates = lambda route: ()
+        status, _, body, exchange = h.send()
+        assert (status, body) == (200, b"still here")
+        assert exchange.target.endswith(f":{up.port}")
+        assert h.gateway.metrics.totals("odin_panic_requests") == {(("service", "svc"),): 1.0}
 
 
 def test_pool_closed_between_pick_and_get_is_retried_on_the_current_pool(harness):
