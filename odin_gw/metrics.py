@@ -194,7 +194,8 @@ class GatewayMetrics:
             if len(self._label_cache) < 10000:
                 self._label_cache[key] = children
         children[0].inc()
-        children[1].observe(seconds)
+        if status != 101:  # a tunnel's lifetime is not a request's latency
+            children[1].observe(seconds)
         if error_kind:
             self.upstream_errors.labels(svc, error_kind).inc()
 

@@ -332,7 +332,7 @@ class Forwarder:
                     and monotonic() < deadline
                 ):
                     failure = Failure.TRY_TIMEOUT  # the attempt's own bound, not the route's
-                error = _upstream_error(exc, endpoint, route, timeout, mesh, failure)
+                error = upstream_error(exc, endpoint, route, timeout, mesh, failure)
                 if failure is Failure.CONNECT:
                     health.failed(endpoint.key)
                 policy = policy.after(failure, method, replayable)
@@ -516,7 +516,7 @@ def _reason(exc: BaseException) -> str:
     return text
 
 
-def _upstream_error(
+def upstream_error(
     exc: TransportError,
     endpoint: Endpoint,
     route: Route,

@@ -421,7 +421,7 @@ def open_response(
             nothing = isinstance(exc, http.client.RemoteDisconnected) or (
                 reader is None or not reader.answered
             )
-            if fresh and nothing and _is_tls_alert(exc):
+            if fresh and nothing and is_tls_alert(exc):
                 # The peer's verdict on our certificate (TLS 1.3 sends it after our side
                 # of the handshake is done): it refused the session before any request.
                 raise ConnectFailed(f"the peer refused the TLS session: {exc}") from exc
@@ -446,7 +446,7 @@ def open_response(
     return response
 
 
-def _is_tls_alert(exc: BaseException) -> bool:
+def is_tls_alert(exc: BaseException) -> bool:
     """An alert from the peer's TLS stack (``SSLV3_ALERT_...``/``TLSV13_ALERT_...``): sent
     only by TLS, never after a request was taken (a server that took it answers in HTTP)."""
     return isinstance(exc, ssl.SSLError) and "_ALERT_" in str(getattr(exc, "reason", "") or "")
@@ -523,6 +523,21 @@ def relay_headers(headers: Headers, items: list[tuple[str, str]]) -> None:
     skips re-validating every header the upstream's parse has already checked.
     """
     headers._list = items
+
+
+def new_connection(session, endpoint: Endpoint):
+    """A new, never pooled, connection to ``endpoint`` (an Upgrade tunnel's), made by its
+    pool: the same class, TLS context, SNI, hostname or SPIFFE identity expectations as
+    the forwarder's."""
+    for _ in range(3):
+        try:
+            pool = session.adapter.pool_for(endpoint)
+        except ssl.SSLError as exc:  # e.g. an unreadable caFile: nothing can be sent
+            raise ConnectFailed(str(exc)) from exc
+        except ClosedPoolError:  # TLS material replaced under us: the new adapter's
+            continue
+        return pool._new_conn()
+    raise ConnectFailed("connection pool kept closing")
 
 
 # -- pools and TLS -------------------------------------------------------------------------

@@ -44,14 +44,14 @@ from dataclasses import dataclass
 from time import monotonic
 
 from flask import Response
-from urllib3.exceptions import ClosedPoolError, HTTPError
+from urllib3.exceptions import HTTPError
 
 from ..edge_reader import HANDOVER
 from ..errors import BadRequest, GatewayError, NoHealthyTarget, UpstreamError
 from ..errors import UpstreamProtocolError as _ProtocolError
 from ..mesh.snapshot import Endpoint
 from .exchange import Exchange
-from .forwarder import ProxyResponse, _upstream_error
+from .forwarder import ProxyResponse, upstream_error
 from .headers import response_headers
 from .retry import Failure
 from .transport import (
@@ -61,7 +61,8 @@ from .transport import (
     ResetAfterSend,
     StaleConnection,
     TransportError,
-    _is_tls_alert,
+    is_tls_alert,
+    new_connection,
     send_head,
 )
 
@@ -237,7 +238,7 @@ def read_answer(sock, deadline: float) -> tuple[bytes, bytes]:
         except TimeoutError as exc:
             raise HeadTimeout("no complete answer head before the deadline") from exc
         except OSError as exc:  # ssl.SSLError included
-            if not answered and _is_tls_alert(exc):
+            if not answered and is_tls_alert(exc):
                 raise ConnectFailed(f"the peer refused the TLS session: {exc}") from exc
             raise ResetAfterSend(str(exc)) from exc
         if not data:
@@ -614,7 +615,7 @@ class Tunnels:
                 conn, head, early = self._attempt(endpoint, route, method, url, headers, deadline)
             except TransportError as exc:
                 balancer.finished(endpoint)
-                error = _upstream_error(exc, endpoint, route, timeout)
+                error = upstream_error(exc, endpoint, route, timeout)
                 exchange.error_kind = error.code
                 if exc.failure is Failure.CONNECT:
                     health.failed(endpoint.key)
@@ -638,7 +639,7 @@ class Tunnels:
             return endpoint, conn, head, early
 
     def _attempt(self, endpoint: Endpoint, route, method, url, headers, deadline: float):
-        conn = _new_connection(self.gateway.session, endpoint)
+        conn = new_connection(self.gateway.session, endpoint)
         left = deadline - monotonic()
         if left <= 0:
             raise HeadTimeout("the deadline passed before connecting")
@@ -661,20 +662,6 @@ class Tunnels:
             conn.close()
             raise
         return conn, head, early
-
-
-def _new_connection(session, endpoint: Endpoint):
-    """A new, never pooled, connection to ``endpoint``, made by its pool (same class, TLS
-    context, SNI, hostname or SPIFFE identity expectations as the forwarder's)."""
-    for _ in range(3):
-        try:
-            pool = session.adapter.pool_for(endpoint)
-        except ssl.SSLError as exc:  # e.g. an unreadable caFile: nothing can be sent
-            raise ConnectFailed(str(exc)) from exc
-        except ClosedPoolError:  # TLS material replaced under us: the new adapter's
-            continue
-        return pool._new_conn()
-    raise ConnectFailed("connection pool kept closing")
 
 
 class TunnelResponse(ProxyResponse):
@@ -845,7 +832,7 @@ def _refusal(conn, raw: bytes, method: str, exchange: Exchange, route, endpoint)
     except (OSError, http.client.HTTPException) as exc:
         conn.close()
         finish()
-        error = _upstream_error(InvalidResponse(str(exc)), endpoint, route)
+        error = upstream_error(InvalidResponse(str(exc)), endpoint, route)
         exchange.error_kind = error.code
         raise error from exc
     exchange.status = resp.status

@@ -21,9 +21,8 @@ sums it over the workers.
 
 from __future__ import annotations
 
-from werkzeug.datastructures import Headers
-
 from ..proxy.forwarder import ProxyResponse
+from ..proxy.transport import relay_headers
 from ..routing import Route
 from .rules import NO_RULES, CompiledRule, RuleSet
 from .split import Split
@@ -98,12 +97,16 @@ class TrafficPlan:
         self._count(group, reason)
         backend = route.backend(group)
         response = forwarder.forward(environ, backend, exchange, rule)
+        # The gateway's own header values, built and checked here: added to the list
+        # werkzeug's Headers wraps, without its per-item validation (relay_headers).
+        items = response.headers._list
         if rule is not None and (rule.response_set or rule.response_remove):
-            response.headers = Headers(rule.apply_response(list(response.headers.items())))
+            items = rule.apply_response(list(items))
+            relay_headers(response.headers, items)
         if cookie is not None:
-            response.headers.add("Set-Cookie", cookie)
+            items.append(("Set-Cookie", cookie))
         if extra:
-            response.headers.extend(extra)
+            items.extend(extra)
         return response
 
     def _count(self, group: str, reason: str) -> None:
