@@ -44,13 +44,17 @@ one more frees up, or the window's length when nothing is used). A 429 also has
 if none were sent meanwhile; the refused policy's ``t`` is the same.
 
 **Storage.** ``rateLimit.storage: host`` (default): :mod:`odin_gw.traffic.host_storage`,
-one table in the state dir shared by every worker of the host. ``redis://...``: the
-library's Redis storage, shared by every replica, with 100 ms socket timeouts and one
-immediate retry on a broken connection (never on a timeout). When the storage fails,
-the worker stops asking it for :data:`OUTAGE_RETRY` seconds, then lets one request try
-again; meanwhile ``failOpen: true`` lets requests pass unchecked (no ``RateLimit``
-headers) and ``false`` answers 503 ``rate_limit_unavailable``. Each check not answered
-counts in ``odin_rate_limit_storage_errors``; the start and end of an outage are logged
+one file in the state dir with a slot per worker of the host: no syscall per check (a
+few microseconds); exact for requests decided one after another, whichever workers take
+them, and at most one request over per other worker deciding at the same instant. A
+check there costs one storage call per window (the decision and the window's state
+after it, for the headers). ``redis://...``: the library's Redis storage, shared by
+every replica, with 100 ms socket timeouts and one immediate retry on a broken
+connection (never on a timeout). When the storage fails, the worker stops asking it for
+:data:`OUTAGE_RETRY` seconds, then lets one request try again; meanwhile ``failOpen:
+true`` lets requests pass unchecked (no ``RateLimit`` headers) and ``false`` answers 503
+``rate_limit_unavailable``. Each check not answered counts in
+``odin_rate_limit_storage_errors``; the start and end of an outage are logged
 once per worker, with the storage URL's password redacted.
 """
 
@@ -256,6 +260,9 @@ class RateLimits:
     ) -> None:
         self.storage = storage
         self.limiter = SlidingWindowCounterRateLimiter(storage)
+        # The host storage decides and reads the window after it in one call (the
+        # strategy's ``hit`` is that call's first half); other storages: hit, then read.
+        self._acquire = getattr(storage, "acquire_sliding_window", None)
         self.fail_open = fail_open
         self.metrics = metrics
         self.where = where or type(storage).__name__
@@ -317,11 +324,15 @@ class RateLimits:
             return self._unanswered(None)
         ident = policy.identity(exchange, environ)
         statuses = []
+        acquire = self._acquire
         try:
             for window in policy.windows:
-                allowed = self.limiter.hit(window.item, route_name, scope, ident)
                 key = window.item.key_for(route_name, scope, ident)
-                stats = self.storage.get_sliding_window(key, window.seconds)
+                if acquire is not None:  # the decision and the window after it, in one pass
+                    allowed, stats = acquire(key, window.quota, window.seconds)
+                else:
+                    allowed = self.limiter.hit(window.item, route_name, scope, ident)
+                    stats = self.storage.get_sliding_window(key, window.seconds)
                 if not allowed:
                     break
                 statuses.append(window.status(stats))
