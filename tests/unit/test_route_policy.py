@@ -594,3 +594,64 @@ def test_a_profile_discovery_could_not_read_carries_its_error():
     policy = ServicePolicy.compile(json.dumps(doc), "books", service_ref="shop/books")
     assert policy.errors == [f"{entry['error']}; the profile is ignored"]
     assert policy.match("GET", "/").source == "annotations on Service shop/books"
+
+
+# -- the gateway's own policy under the mesh's ----------------------------------------------
+
+
+def own_policy(**service):
+    from odin_gw.config import parse_config
+    from odin_gw.route_policy import config_policy
+
+    svc = {"name": "books", "basePath": "/books", "targets": ["http://127.0.0.1:9"]}
+    svc.update(service)
+    import yaml
+
+    config = parse_config(yaml.safe_dump({"services": [svc]}))
+    return config_policy(config.services[0], BudgetStore(None))
+
+
+def test_config_policy_is_none_when_nothing_would_use_it():
+    assert own_policy(retries=0) is None
+    assert own_policy(retries=2, retryPolicy={"budget": False}) is None
+    base = own_policy(retries=2)  # resets are retried: the default budget bounds them
+    assert base.source == "config" and base.budget is not None and not base.retryable
+    assert base.budget.to_dict()["key"] == "config:books"
+
+
+def test_config_policy_carries_retry_on_try_timeout_backoff_and_limit():
+    base = own_policy(
+        retries=3,
+        tryTimeout="250ms",
+        retryPolicy={"retryOn": [503], "backoff": {"base": "10ms", "max": "40ms"}},
+    )
+    assert base.retry_statuses == frozenset({503}) and base.limit == 3 and base.shared_limit
+    assert (base.try_timeout, base.backoff) == (0.25, (0.01, 0.04))
+    doc = base.to_dict()
+    assert doc["origins"] == {
+        "tryTimeout": "config",
+        "budget": "config",
+        "retryOn": "config",
+        "limit": "config",
+        "backoff": "config",
+    }
+
+
+def test_a_mesh_route_over_the_config_keeps_its_values_and_names_their_origin():
+    base = own_policy(retries=2, tryTimeout="1s", retryPolicy={"retryOn": [503]})
+    policy = compiled({"routes": ROUTES}).with_base(base)
+    # The profile's timeout route (not retryable): its timeout, the config's retries.
+    timed = policy.match("GET", "/books/x")
+    assert timed.timeout == 0.3 and timed.retry_statuses == frozenset({503})
+    assert timed.try_timeout == 1.0 and timed.shared_limit
+    origins = dict(timed.origins)
+    assert origins["timeout"].startswith("serviceprofile shop/") and origins["retryOn"] == "config"
+    assert origins["tryTimeout"] == "config"
+    # A retryable profile route keeps its own retry values and budget, as a unit.
+    retry = policy.match("POST", "/orders")
+    assert retry.retry_statuses == frozenset(range(500, 600)) and retry.limit is None
+    assert not retry.shared_limit and retry.budget is not base.budget
+    assert dict(retry.origins)["retryOn"].startswith("serviceprofile")
+    # Nothing of the profile matches: the config's own policy.
+    assert policy.match("DELETE", "/elsewhere") is base
+    assert policy.describe()["source"].startswith("serviceprofile")
