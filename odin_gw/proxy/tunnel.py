@@ -591,12 +591,17 @@ class Tunnels:
         deadline = monotonic() + timeout
         exchange.timeout = timeout
         candidates = gateway.candidates(route)
+        everyone = gateway.every_endpoint(route)
         balancer, health = route.balancer, route.health
         policy = route.retry
         tried: list[str] = []
         error: UpstreamError | None = None
         while True:
-            endpoint = balancer.pick(candidates, tried, health.available)
+            # As the forwarder picks: passive health and open circuits skipped, panic
+            # mode when too few endpoints are healthy.
+            endpoint = balancer.select(
+                candidates, everyone, tried, route.available, route.panic_threshold
+            ).endpoint
             if endpoint is None:
                 if error is not None:
                     raise error
@@ -635,7 +640,7 @@ class Tunnels:
             except BaseException:
                 balancer.finished(endpoint)
                 raise
-            health.succeeded(endpoint.key)
+            health.answered(endpoint.key, 101)  # the connection and a head came back
             return endpoint, conn, head, early
 
     def _attempt(self, endpoint: Endpoint, route, method, url, headers, deadline: float):
