@@ -20,7 +20,8 @@ buckets of ``ttl / WINDOWS`` each (one second for Linkerd's default ``ttl`` of 1
 **Costs.** A deposit is one add to the caller's own bucket in shared memory: no lock,
 no syscall (the clock is vDSO). A retry decision sums every slot's buckets of the key
 (slots x ``WINDOWS`` cells, read with one ``unpack_from`` per slot) and adds one to its
-own bucket under a per-process lock (held for the arithmetic only).
+own bucket under a per-process lock (held for the arithmetic only, taken without a
+convoy: see :func:`~odin_gw.shared_slots.acquire_without_convoy`).
 
 **Margins.** Each worker writes only its own slot, so nothing is lost between workers,
 but a decision is read-then-write: workers deciding in the same instant may each spend
@@ -41,7 +42,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from .shared_slots import SLOT_HEADER_BYTES, SLOT_HEADER_CELLS, SlotFile, key_hash
+from .shared_slots import (
+    SLOT_HEADER_BYTES,
+    SLOT_HEADER_CELLS,
+    SlotFile,
+    acquire_without_convoy,
+    key_hash,
+)
 
 log = logging.getLogger("odin_gw.retry_budget")
 
@@ -122,7 +129,9 @@ class RetryBudget:
         store = self._store
         now = store.clock() if now is None else now
         store.reattach_if_due(now)
-        with store.lock:
+        lock = store.lock
+        acquire_without_convoy(lock)
+        try:
             cells = self._cells if self._gen == store.gen else self._bind()
             stamp = int(now / self._width) + 1
             requests, retries = store.totals(self._hash, self._width_ns, stamp)
@@ -133,6 +142,8 @@ class RetryBudget:
                 self._roll(cells, base, stamp)
             cells[base + 2] += 1
             return True
+        finally:
+            lock.release()
 
     def balance(self, now: float | None = None) -> float:
         """Retries the budget would allow now (may be fractional)."""
@@ -162,21 +173,29 @@ class RetryBudget:
     # -- internals --------------------------------------------------------------------
     def _bind(self) -> memoryview:
         store = self._store
-        with store.lock:
+        lock = store.lock
+        acquire_without_convoy(lock)
+        try:
             gen = store.gen
             cells = store.entry(self._hash, self._width_ns)
             self._cells, self._gen = cells, gen
             return cells
+        finally:
+            lock.release()
 
     def _roll(self, cells: memoryview, base: int, stamp: int) -> None:
         # A new window for this bucket: counts to zero first, then the stamp, so a reader
         # that sees the new stamp never adds the old window's counts. Under the lock: a
         # retry counted by another thread must not be zeroed by a late roll.
-        with self._store.lock:
+        lock = self._store.lock
+        acquire_without_convoy(lock)
+        try:
             if cells[base] != stamp:
                 cells[base + 1] = 0
                 cells[base + 2] = 0
                 cells[base] = stamp
+        finally:
+            lock.release()
 
 
 class BudgetStore:

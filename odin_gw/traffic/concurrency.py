@@ -12,10 +12,11 @@ so workers of two config generations during a reload agree on the entries). A wo
 writes only its own entry; a decision sums the entries of every slot ever claimed.
 
 **Costs.** No syscall per request: an acquire or release takes a per-process lock (held
-for the arithmetic only), sums one int64 cell per worker and writes one. Only when a
-decision would refuse, and at most once a second, does the worker ask the kernel which
-slots are still held (one ``fcntl`` per slot), so a worker that died with requests in
-flight stops counting against the cap.
+for the arithmetic only, taken without a convoy: see
+:func:`~odin_gw.shared_slots.acquire_without_convoy`), sums one int64 cell per worker
+and writes one. Only when a decision would refuse, and at most once a second, does the
+worker ask the kernel which slots are still held (one ``fcntl`` per slot), so a worker
+that died with requests in flight stops counting against the cap.
 
 **Margins.** A decision is read-then-write: workers deciding in the same instant may
 each take the last unit, so the host may overshoot the cap by at most one request per
@@ -33,7 +34,13 @@ import struct
 import time
 from collections.abc import Callable, Mapping
 
-from ..shared_slots import SLOT_HEADER_BYTES, SLOT_HEADER_CELLS, SlotFile, key_hash
+from ..shared_slots import (
+    SLOT_HEADER_BYTES,
+    SLOT_HEADER_CELLS,
+    SlotFile,
+    acquire_without_convoy,
+    key_hash,
+)
 
 log = logging.getLogger("odin_gw.traffic.concurrency")
 
@@ -111,7 +118,9 @@ class ConcurrencyCap:
         slots = self._slots
         if not slots.shared and slots.attached:
             slots.reattach_if_due(self.clock())
-        with slots.lock:
+        lock = slots.lock
+        acquire_without_convoy(lock)
+        try:
             if self._gen != slots.gen or not slots.attached:
                 self._bind()
             if self._total(svc) >= svc.limit and (
@@ -122,6 +131,8 @@ class ConcurrencyCap:
             svc.here += 1
             self._write(svc)
             return True
+        finally:
+            lock.release()
 
     def release(self, service: str) -> None:
         """One request of ``service`` admitted by :meth:`try_acquire` ended."""
@@ -129,12 +140,16 @@ class ConcurrencyCap:
         if svc is None:
             return
         slots = self._slots
-        with slots.lock:
+        lock = slots.lock
+        acquire_without_convoy(lock)
+        try:
             if self._gen != slots.gen or not slots.attached:
                 self._bind()
             if svc.here > 0:
                 svc.here -= 1
                 self._write(svc)
+        finally:
+            lock.release()
 
     # -- views ------------------------------------------------------------------------
     def limit(self, service: str) -> int | None:
@@ -147,10 +162,15 @@ class ConcurrencyCap:
         svc = self._services.get(service)
         if svc is None:
             return 0
-        with self._slots.lock:
-            if self._gen != self._slots.gen or not self._slots.attached:
+        slots = self._slots
+        lock = slots.lock
+        acquire_without_convoy(lock)
+        try:
+            if self._gen != slots.gen or not slots.attached:
                 self._bind()
             return self._total(svc)
+        finally:
+            lock.release()
 
     def rejected(self, service: str) -> int:
         """Requests of ``service`` this worker refused (a counter for metrics)."""

@@ -70,7 +70,7 @@ from limits.errors import StorageError
 from limits.storage import SlidingWindowCounterSupport, Storage
 
 from ..mesh.state import StateDirError, check_private_dir
-from ..shared_slots import SLOT_HEADER_BYTES, SlotFile, key_hash
+from ..shared_slots import SLOT_HEADER_BYTES, SlotFile, acquire_without_convoy, key_hash
 
 log = logging.getLogger("odin_gw.traffic.host_storage")
 
@@ -84,8 +84,6 @@ ENTRY_BYTES = ENTRY_CELLS * 8
 TABLE_HEADER_CELLS = 8  # [until ms, unused...], after the slot file's cells
 TABLE_OFFSET = SLOT_HEADER_BYTES + TABLE_HEADER_CELLS * 8  # of the table in a slot
 EVICTION_LOG_EVERY = 60.0
-#: Times a thread yields for this process's lock before it blocks on it.
-LOCK_YIELDS = 1000
 #: Keys whose hash a storage remembers (then it forgets them all and starts again).
 HASH_CACHE = 1 << 16
 _HEADER = struct.Struct("<5q")  # magic, slots, entries, ways, entry cells
@@ -320,8 +318,7 @@ class HostStorage(Storage, SlidingWindowCounterSupport):
         allowed = False
         slots = self._slots
         lock = slots.lock
-        if not lock.acquire(False):
-            _wait_for(lock)
+        acquire_without_convoy(lock)
         try:
             if self._gen != slots.gen:
                 self._bind()
@@ -515,17 +512,6 @@ class HostStorage(Storage, SlidingWindowCounterSupport):
                 self.ways,
                 self.evictions,
             )
-
-
-def _wait_for(lock) -> None:
-    """Take ``lock``, held by a thread the interpreter switched away from mid-decision:
-    yield the GIL and try again rather than block (a thread blocked on the lock would
-    get it while waiting for the GIL, and every thread after it would queue behind)."""
-    for _ in range(LOCK_YIELDS):
-        time.sleep(0)  # lets the holder run (it needs only the GIL to finish)
-        if lock.acquire(False):
-            return
-    lock.acquire()
 
 
 def _length_ms(expiry: float) -> int:

@@ -7,6 +7,8 @@ import logging
 import multiprocessing
 import os
 import stat
+import sys
+import threading
 import warnings
 
 import pytest
@@ -296,3 +298,43 @@ def test_a_forked_worker_claims_its_own_slot(state_dir):
     assert child_slot != parent.slot
     assert budget.counts() == (2, 0)  # the child's deposit is seen by the parent
     parent.close()
+
+
+# -- threads of one worker, switched mid-decision ---------------------------------------------
+
+
+def _race_for_the_balance(budget, attempts):
+    spent = [0] * 8
+
+    def work(i):
+        start.wait(timeout=30)
+        spent[i] = spend_all(budget, limit=attempts)
+
+    start = threading.Barrier(8)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    return sum(spent), budget.counts(), budget.withdraw()
+
+
+def test_eight_threads_spend_exactly_the_balance(state_dir):
+    # A withdrawal is never raced inside a worker, however often threads are switched
+    # (every microsecond here): in each round, with a balance of 1000 (2000 requests at
+    # 0.5), 8 threads of up to 250 attempts spend exactly 1000.
+    store = BudgetStore(state_dir, slots=4, keys=16, clock=Clock())
+    budgets = [store.budget(f"svc-{n}", 0.5, 0, 10.0) for n in range(10)]
+    for budget in budgets:
+        for _ in range(2000):
+            budget.deposit()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        rounds = [_race_for_the_balance(budget, 250) for budget in budgets]
+    finally:
+        sys.setswitchinterval(interval)
+    assert store.shared
+    assert rounds == [(1000, (2000, 1000), False)] * 10
+    store.close()
