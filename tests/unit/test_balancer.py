@@ -1,4 +1,5 @@
 import collections
+import random
 
 import pytest
 
@@ -270,3 +271,69 @@ def test_one_failing_endpoint_of_three_loses_its_traffic_and_gets_it_back_when_h
     for _ in range(30):
         request()
     assert cb.open_keys() == [] and served == {A: 10, B: 10, C: 10}
+
+
+def many(count):
+    return tuple(Endpoint(f"10.0.{i // 250}.{i % 250 + 1}", 80) for i in range(count))
+
+
+def test_a_threshold_below_one_percent_still_panics_above_zero_healthy():
+    everyone = many(101)
+    pool, panic = choose_pool(everyone[:1], everyone, always, 1.0)  # 0.99% < 1%
+    assert panic and len(pool) == 101
+    pool, panic = choose_pool(everyone[:2], everyone, always, 1.0)  # 1.98%
+    assert not panic and pool == list(everyone[:2])
+
+
+def test_exactly_at_the_threshold_is_not_panic_and_just_below_it_is():
+    assert choose_pool((A,), (A, B), always, 50.0) == ([A], False)  # 50% is not below 50%
+    assert choose_pool((A,), (A, B), always, 50.5)[1] is True
+
+
+def test_weighted_counts_a_weight_of_zero_or_less_as_one():
+    zero, negative = Endpoint("10.0.0.5", 80, weight=0), Endpoint("10.0.0.6", 80, weight=-3)
+    state = random.getstate()
+    random.seed(20240611)
+    try:
+        w = Weighted()
+        counts = collections.Counter(w.pick((zero, negative, A), (), always) for _ in range(9000))
+    finally:
+        random.setstate(state)
+    for endpoint in (zero, negative, A):  # 1/3 each; sd of a share ~0.005
+        assert 0.30 < counts[endpoint] / 9000 < 0.37
+
+
+def test_least_request_prefers_the_less_busy_of_two_busy_endpoints():
+    lr = LeastRequest()
+    lr.started(A)
+    for _ in range(3):
+        lr.started(B)
+    assert all(lr.pick((A, B), (), always) is A for _ in range(50))
+
+
+def test_least_request_prefers_an_idle_endpoint_over_one_request_in_flight():
+    lr = LeastRequest()
+    lr.started(A)
+    assert all(lr.pick((A, B), (), always) is B for _ in range(50))
+
+
+def test_least_request_counts_each_start_and_finish():
+    lr = LeastRequest()
+    lr.started(A)
+    lr.started(A)
+    lr.started(A)
+    assert lr.inflight(A.key) == 3
+    lr.finished(A)
+    assert lr.inflight(A.key) == 2
+    lr.finished(A)
+    assert lr.inflight(A.key) == 1
+    lr.finished(A)
+    assert lr.inflight(A.key) == 0
+
+
+def test_least_request_ignores_a_finish_without_a_start():
+    lr = LeastRequest()
+    lr.finished(B)
+    assert lr.inflight(B.key) == 0
+    lr.started(B)
+    assert lr.inflight(B.key) == 1

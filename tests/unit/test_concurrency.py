@@ -3,15 +3,18 @@ file, dead workers' counts dropped, and real processes racing for the last units
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import multiprocessing
 import os
 import stat
+import struct
 import threading
 import warnings
 
 import pytest
 
+from odin_gw.shared_slots import HEADER_BYTES, LOCK_BASE, SLOT_HEADER_BYTES, key_hash
 from odin_gw.traffic.concurrency import LIVENESS_EVERY, ConcurrencyCap
 
 
@@ -294,3 +297,237 @@ def test_three_processes_share_one_cap_with_at_most_one_over_per_other_worker(st
     clock.now += LIVENESS_EVERY
     assert take_all(view, "users") == 10
     view.close()
+
+
+# -- threads of one worker, switched mid-decision ---------------------------------------------
+
+
+def _in_threads(count, work):
+    """Run ``work(i)`` in ``count`` threads released together; wait for all of them."""
+    start = threading.Barrier(count)
+
+    def run(i):
+        start.wait(timeout=30)
+        work(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+
+
+def _race_for_the_cap(cap, attempts):
+    admitted = [0] * 8
+
+    def attempt(i):
+        admitted[i] = sum(cap.try_acquire("users") for _ in range(attempts))
+
+    def release(i):
+        for _ in range(admitted[i]):
+            cap.release("users")
+
+    _in_threads(8, attempt)
+    held = cap.inflight("users")
+    _in_threads(8, release)
+    return sum(admitted), held, cap.inflight("users")
+
+
+def test_eight_threads_get_exact_counts_of_admissions_refusals_and_releases(state_dir):
+    # A decision is never raced inside a worker, however often threads are switched
+    # (every microsecond here): in each round 8 x 500 attempts on a cap of 1000 admit
+    # exactly 1000, and releasing them from 8 threads leaves none in flight.
+    import sys
+
+    cap = ConcurrencyCap(state_dir, {"users": 1000}, slots=4)
+    cap.inflight("users")  # claim the slot before the race starts
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        rounds = [_race_for_the_cap(cap, 500) for _ in range(10)]
+    finally:
+        sys.setswitchinterval(interval)
+    assert cap.shared
+    assert rounds == [(1000, 1000, 0)] * 10
+    assert cap.rejected("users") == 10 * (8 * 500 - 1000)
+    cap.close()
+
+
+# -- views, geometry, and counts that must survive re-binding -----------------------------------
+
+
+def test_views_of_a_capped_and_an_uncapped_service():
+    cap = ConcurrencyCap(None, {"users": 1}, clock=Clock())
+    assert cap.limit("users") == 1
+    assert cap.try_acquire("users") and not cap.try_acquire("users")
+    assert cap.rejected("users") == 1
+    assert (cap.limit("books"), cap.inflight("books"), cap.rejected("books")) == (None, 0, 0)
+
+
+def test_keys_must_hold_every_service_and_name_the_file(state_dir):
+    with pytest.raises(ValueError, match="keys: 1 entries cannot hold 2 services"):
+        ConcurrencyCap(None, {"users": 1, "books": 1}, keys=1)
+    two = ConcurrencyCap(state_dir, {"users": 1, "books": 1}, slots=4, keys=2, clock=Clock())
+    one = ConcurrencyCap(state_dir, {"users": 1}, slots=4, keys=1, clock=Clock())
+    assert (two.keys, one.keys) == (2, 1)
+    assert two.try_acquire("books") and one.try_acquire("users")
+    assert os.path.basename(two.file) == "concurrency-4x2.bin"
+    assert os.path.basename(one.file) == "concurrency-4x1.bin"
+    two.close()
+    one.close()
+
+
+def test_the_file_holds_a_header_page_then_one_slot_of_hash_and_count_cells_per_worker(state_dir):
+    cap = ConcurrencyCap(state_dir, {"users": 1}, slots=4, keys=8, clock=Clock())
+    cap.try_acquire("users")
+    # per slot: its header cells, then [hash, in flight] int64 cells per key
+    assert os.path.getsize(cap.file) == HEADER_BYTES + 4 * (SLOT_HEADER_BYTES + 8 * 2 * 8)
+    cap.close()
+
+
+def _colliding_names(keys: int) -> tuple[str, str]:
+    """Two service names whose entries start at the same index of a ``keys`` table."""
+    seen: dict[int, str] = {}
+    for i in range(1000):
+        name = f"svc-{i}"
+        start = key_hash(name) % keys
+        if start in seen:
+            return seen[start], name
+        seen[start] = name
+    raise AssertionError("no collision in 1000 names")
+
+
+def test_services_whose_entries_collide_are_counted_apart(state_dir):
+    first, second = _colliding_names(4)
+    limits = {first: 2, second: 2}
+    a = ConcurrencyCap(state_dir, limits, slots=4, keys=4, clock=Clock())
+    b = ConcurrencyCap(state_dir, limits, slots=4, keys=4, clock=Clock())
+    assert take_all(a, second) == 2
+    assert take_all(a, first, limit=1) == 1
+    assert b.inflight(first) == 1 and b.inflight(second) == 2
+    assert not b.try_acquire(second)
+    assert take_all(b, first) == 1
+    assert a.inflight(first) == 2 and a.inflight(second) == 2
+    a.close()
+    b.close()
+
+
+def test_a_slot_locked_but_never_claimed_does_not_hide_the_slots_after_it(state_dir):
+    # An opener holding slot 0's lock byte without writing its claim: the workers take
+    # slots 1 and 2, and the sum must still read past the never-claimed slot 0.
+    fd = os.open(os.path.join(state_dir, "concurrency-4x256.bin"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        lock = struct.pack("hhxxxxqqixxxx", fcntl.F_WRLCK, os.SEEK_SET, LOCK_BASE, 1, 0)
+        fcntl.fcntl(fd, getattr(fcntl, "F_OFD_SETLK", 37), lock)
+        a = ConcurrencyCap(state_dir, {"users": 3}, slots=4, clock=Clock())
+        b = ConcurrencyCap(state_dir, {"users": 3}, slots=4, clock=Clock())
+        assert take_all(a, "users", limit=2) == 2
+        assert (a.slot, b.inflight("users"), b.slot) == (1, 2, 2)
+        assert take_all(b, "users") == 1
+        assert a.inflight("users") == 3
+        a.close()
+        b.close()
+    finally:
+        os.close(fd)
+
+
+def test_a_newly_found_dead_worker_admits_only_if_the_live_ones_leave_room(state_dir):
+    clock = Clock()
+    dying = ConcurrencyCap(state_dir, {"users": 2}, slots=4, clock=clock)
+    late = ConcurrencyCap(state_dir, {"users": 2}, slots=4, clock=clock)
+    busy = ConcurrencyCap(state_dir, {"users": 2}, slots=4, clock=clock)
+    for cap in (dying, late, busy):
+        cap.inflight("users")  # each claims its slot now
+    assert dying.try_acquire("users")
+    dying.close()  # died with one request in flight
+    assert take_all(busy, "users") == 2  # its refusal found the dead worker: room for 2
+    # late has not looked yet: the dead worker's request hides, then is found dead, but
+    # the live ones alone are at the cap.
+    assert not late.try_acquire("users")
+    assert late.inflight("users") == 2 and late.rejected("users") == 1
+    late.close()
+    busy.close()
+
+
+def test_the_worker_in_the_first_slot_also_finds_dead_workers_after_it(state_dir):
+    clock = Clock()
+    first = ConcurrencyCap(state_dir, {"users": 3}, slots=4, clock=clock)
+    second = ConcurrencyCap(state_dir, {"users": 3}, slots=4, clock=clock)
+    first.inflight("users")
+    assert take_all(second, "users", limit=2) == 2
+    assert (first.slot, second.slot) == (0, 1)
+    second.close()  # died with two requests in flight
+    assert take_all(first, "users") == 3
+    first.close()
+
+
+def test_a_worker_rejoining_the_file_brings_its_counts_before_deciding(tmp_path):
+    clock = Clock()
+    path = tmp_path / "late"
+    path.mkdir(mode=0o755)
+    os.chmod(path, 0o755)  # open to others: refused
+    lone = ConcurrencyCap(str(path), {"users": 3}, slots=4, clock=clock)
+    assert take_all(lone, "users", limit=2) == 2 and not lone.shared
+    os.chmod(path, 0o700)
+    other = ConcurrencyCap(str(path), {"users": 3}, slots=4, clock=clock)
+    assert take_all(other, "users", limit=2) == 2
+    clock.now += 5.0
+    assert not lone.try_acquire("users")  # rejoined with its 2: the host has 4
+    assert lone.shared and other.inflight("users") == 4
+    lone.close()
+    other.close()
+
+
+def _in_a_forked_child(child) -> bytes:
+    """Run ``child()`` (returning up to 16 bytes) in a forked process; its answer."""
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads around
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.write(write, child())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    try:
+        answer = os.read(read, 16)
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    return answer
+
+
+def test_a_forked_worker_starts_at_zero_and_checks_liveness_when_refused(state_dir):
+    cap = ConcurrencyCap(state_dir, {"users": 4}, slots=4, clock=Clock())
+    assert take_all(cap, "users", limit=1) == 1
+
+    def child():
+        before = cap.inflight("users")
+        taken = take_all(cap, "users")  # the last attempt is refused: a liveness check
+        return bytes([before, taken, cap.inflight("users"), cap.rejected("users")])
+
+    assert tuple(_in_a_forked_child(child)) == (1, 3, 4, 1)
+    cap.close()
+
+
+def test_a_forked_worker_that_fell_back_rejoins_with_its_own_counts(tmp_path):
+    clock = Clock()
+    path = tmp_path / "late"
+    path.mkdir(mode=0o755)
+    os.chmod(path, 0o755)  # open to others: refused
+    cap = ConcurrencyCap(str(path), {"users": 5}, slots=4, clock=clock)
+    assert take_all(cap, "users", limit=1) == 1 and not cap.shared
+
+    def child():
+        taken = take_all(cap, "users", limit=2)
+        os.chmod(path, 0o700)
+        clock.now += 5.0
+        rejoined = cap.try_acquire("users")  # the file: its 2 carried over, one more
+        return bytes([taken, rejoined, cap.shared, cap.inflight("users")])
+
+    assert tuple(_in_a_forked_child(child)) == (2, 1, 1, 3)
+    cap.close()

@@ -163,3 +163,53 @@ def test_settings_come_from_the_config():
         ph.answered(key, 503)
     assert ph.ejected_keys() == [A]
     assert ph.status(A)["ejectedFor"] == 3.0
+
+
+# -- what status reports, and runs after an ejection ---------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+def test_status_of_a_target_never_seen_shows_the_5xx_run_when_it_is_on(limit):
+    ph = health(consecutive_5xx=limit)
+    assert ph.status(A) == {"ejected": False, "recentFailures": 0, "recent5xx": 0}
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_a_target_held_by_the_cap_after_exactly_its_5xx_run_says_so(limit):
+    ph = health(consecutive_5xx=limit, max_ejection_percent=25.0)
+    ph.prune({A, B, C, D})
+    for _ in range(limit):
+        ph.answered(A, 503)
+    for _ in range(limit):
+        ph.answered(B, 502)
+    assert ph.ejected_keys() == [A]
+    assert ph.status(B) == {
+        "ejected": False,
+        "recentFailures": 0,
+        "recent5xx": limit,
+        "heldByEjectionCap": True,
+    }
+
+
+def test_every_ejection_the_cap_refuses_is_counted():
+    ph = health(consecutive_failures=1, max_ejection_percent=25.0)
+    ph.prune({A, B, C, D})
+    for key in (A, B, C, D):
+        ph.failed(key)
+    assert ph.ejected_keys() == [A]
+    assert (ph.ejected_total, ph.overflow_total) == (1, 3)
+
+
+def test_after_a_5xx_ejection_a_full_run_is_needed_again():
+    clock = Clock()
+    ph = health(clock, consecutive_5xx=3)
+    for _ in range(3):
+        ph.answered(A, 503)
+    assert not ph.available(A)
+    clock.now += 5.0
+    ph.answered(A, 503)
+    ph.answered(A, 503)
+    assert ph.available(A)
+    assert ph.status(A) == {"ejected": False, "recentFailures": 0, "recent5xx": 2}
+    ph.answered(A, 503)
+    assert ph.status(A) == {"ejected": True, "ejectedFor": 10.0, "reason": "5xx"}

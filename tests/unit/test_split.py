@@ -303,3 +303,70 @@ def test_split_from_the_configuration_and_its_admin_view():
     assert view["sticky"] == {"cookie": "odin-canary"}
     assert view["override"] == {"header": "X-Canary", "groups": ["canary", "default"]}
     assert "s3cr3t" not in json.dumps(view)
+
+
+# -- edges of compiling, stickiness and the admin view -------------------------------------------
+
+
+@pytest.mark.parametrize("weight", [True, 2.5, "3"])
+def test_a_weight_that_is_not_a_whole_number_is_refused(weight):
+    config = SplitConfig(weights=(("a", 1), ("b", weight)))
+    with pytest.raises(SplitError, match="weight of 'b' must be a whole number"):
+        Split.compile(config, "users")
+
+
+@pytest.mark.parametrize("cookie", ["odin canary", "odin;canary", "odin\tcanary"])
+def test_a_cookie_name_that_is_not_a_token_is_refused(cookie):
+    config = SplitConfig(weights=(("a", 1),), sticky_cookie=cookie)
+    with pytest.raises(SplitError, match="not a valid cookie name"):
+        Split.compile(config, "users")
+
+
+def test_an_override_value_naming_no_group_is_refused_by_value():
+    config = SplitConfig(
+        weights=(("a", 1),), override_header="X-Canary", override_values=(("always", ""),)
+    )
+    with pytest.raises(SplitError, match="override value 'always' names no group"):
+        Split.compile(config, "users")
+
+
+def test_any_path_and_a_max_age_of_one_second_make_a_cookie():
+    split = sticky_cookie(rnd=lambda: 0.95, path="/api/X-Users", max_age=1)
+    assert split.cookie_path == "/api/X-Users"
+    assert split.choose({}).set_cookie == (
+        "odin-canary=canary; Path=/api/X-Users; Max-Age=1; HttpOnly; SameSite=Lax"
+    )
+
+
+def test_a_cookie_naming_a_group_of_weight_one_keeps_it():
+    split = sticky_cookie((("a", 1), ("b", 1)), rnd=never)
+    assert split.choose({"HTTP_COOKIE": "odin-canary=b"}) == Choice("b", None, "sticky")
+    assert split.choose({"HTTP_COOKIE": "odin-canary=a"}) == Choice("a", None, "sticky")
+
+
+def test_a_sticky_header_value_that_is_not_valid_unicode_still_sticks():
+    split = sticky_header()
+    first = split.choose({"HTTP_X_USER_ID": "user-\udcff"})
+    assert first.reason == "sticky"
+    assert split.choose({"HTTP_X_USER_ID": "user-\udcff"}) == first
+
+
+def test_admin_view_of_a_header_split_without_override():
+    split = sticky_header((("a", 1), ("b", 2)))
+    assert split.to_dict() == {
+        "groups": [
+            {"group": "a", "weight": 1, "percent": 33.33},
+            {"group": "b", "weight": 2, "percent": 66.67},
+        ],
+        "sticky": {"header": "X-User-Id"},
+        "override": None,
+    }
+
+
+def test_admin_view_of_a_split_without_stickiness():
+    view = Split.compile(CANARY, "users").to_dict()
+    assert view["sticky"] is None and view["override"] is None
+
+
+def test_repr_names_the_service_and_weights():
+    assert repr(Split.compile(CANARY, "users")) == "<Split users: default=90, canary=10>"
