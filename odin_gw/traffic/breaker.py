@@ -194,8 +194,7 @@ class CircuitBreakers:
                     tripped = self._count(circuit, now, ok) or tripped
                 if tripped:
                     self._open(key, circuit, now, events)
-            elif circuit.state is HALF_OPEN:
-                circuit.probes = max(0, circuit.probes - 1)
+            elif circuit.state is HALF_OPEN:  # a probe's outcome (_move resets the probes)
                 if ok:
                     self._move(key, circuit, CLOSED, events)
                 else:
