@@ -66,10 +66,12 @@ def gunicorn_master() -> int | None:
     parent (an orphaned worker, or a process a worker started, has another parent).
     """
     recorded = os.environ.get("ODIN_GUNICORN_MASTER_PID", "")
-    if not recorded.isdigit():
+    if not (recorded.isascii() and recorded.isdigit()):  # str.isdigit: "²" too, and more
         return None
     pid = int(recorded)
-    if pid == os.getpid() or pid != os.getppid():
+    # pid 0 or 1 is never a gunicorn master of ours: kill(0) would signal the whole
+    # process group, and an orphan's parent is init.
+    if pid <= 1 or pid == os.getpid() or pid != os.getppid():
         return None
     return pid
 

@@ -216,6 +216,8 @@ def read_answer(sock, deadline: float) -> tuple[bytes, bytes]:
     while True:
         end = _HEAD_END.search(buf, max(0, scanned - 2))
         if end is not None:
+            if end.end() > MAX_HEAD:  # however the bytes arrived
+                raise InvalidResponse(f"answer head larger than {MAX_HEAD // 1024} KiB")
             head, buf = buf[: end.end()], buf[end.end() :]
             status = _STATUS_LINE.match(head)
             code = int(status.group(1)) if status is not None else 0
@@ -227,7 +229,7 @@ def read_answer(sock, deadline: float) -> tuple[bytes, bytes]:
             scanned = 0
             continue
         scanned = len(buf)
-        if len(buf) > MAX_HEAD:
+        if len(buf) >= MAX_HEAD:  # no end yet: it cannot come within MAX_HEAD any more
             raise InvalidResponse(f"answer head larger than {MAX_HEAD // 1024} KiB")
         left = deadline - monotonic()
         if left <= 0:

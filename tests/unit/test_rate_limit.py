@@ -149,6 +149,7 @@ def test_header_values_are_hashed_in_the_identity():
 def test_header_environ_keys():
     assert header_environ_key("X-Api-Key") == "HTTP_X_API_KEY"
     assert header_environ_key("content-type") == "CONTENT_TYPE"
+    assert header_environ_key("Content-Length") == "CONTENT_LENGTH"  # no HTTP_ in WSGI
     assert header_environ_key("Authorization") == "HTTP_AUTHORIZATION"
 
 
@@ -380,6 +381,152 @@ def test_fail_closed_answers_503_until_the_storage_is_back(clock):
     storage.down = False
     clock.now += OUTAGE_RETRY
     assert allowed_count(limits, cfg)[0] == 2
+
+
+class HeldStorage(FlakyStorage):
+    """A FlakyStorage whose next call, once ``hold()`` was called, waits until
+    ``release()``: a probe still in flight while other requests come."""
+
+    def __init__(self, clock) -> None:
+        super().__init__(clock)
+        self._holding = False
+        self.entered = threading.Event()
+        self._released = threading.Event()
+
+    def hold(self) -> None:
+        self._holding = True
+
+    def release(self) -> None:
+        self._released.set()
+
+    def _use(self):
+        if self._holding:
+            self._holding = False
+            self.entered.set()
+            assert self._released.wait(5), "never released"
+        return super()._use()
+
+
+def check_in_thread(limits, cfg) -> tuple[threading.Thread, list]:
+    """``check`` in another thread (a request of another of the worker's threads), not
+    started yet; its headers or its exception go to the list."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(limits.check("svc", cfg, "service", Client(), {}))
+        except Exception as exc:
+            outcome.append(exc)
+
+    return threading.Thread(target=run, daemon=True), outcome
+
+
+def test_one_probe_at_a_time_while_the_storage_is_down(clock):
+    storage = HeldStorage(clock)
+    metrics = GatewayMetrics()
+    limits = RateLimits(storage, fail_open=True, metrics=metrics, clock=clock)
+    cfg = limit(5)
+    storage.down = True
+    assert limits.check("svc", cfg, "service", Client(), {}) == []  # the outage starts
+    clock.now += OUTAGE_RETRY
+    storage.down = False
+    storage.hold()
+    probe, outcome = check_in_thread(limits, cfg)
+    probe.start()
+    try:
+        assert storage.entered.wait(5)
+        calls = storage.calls
+        # While the probe waits on the storage, the others do not ask it too.
+        for _ in range(5):
+            assert limits.check("svc", cfg, "service", Client(), {}) == []
+        assert storage.calls == calls
+    finally:
+        storage.release()
+        probe.join(5)
+    assert not probe.is_alive()
+    assert [name for name, _ in outcome[0]] == ["RateLimit-Policy", "RateLimit"]
+    assert limits.unanswered == 1 + 5
+    assert metrics.totals("odin_rate_limit_storage_errors")[()] == 6
+    # The probe was answered: the next request is checked again.
+    assert [name for name, _ in limits.check("svc", cfg, "service", Client(), {})] == [
+        "RateLimit-Policy",
+        "RateLimit",
+    ]
+
+
+class PausingClock(Clock):
+    """A Clock that, once told, stops the first thread that reads it until resumed:
+    to force one interleaving of two requests."""
+
+    def __init__(self, now: float = 36000.25) -> None:
+        super().__init__(now)
+        self.thread: threading.Thread | None = None
+        self.paused = threading.Event()
+        self.resumed = threading.Event()
+
+    def __call__(self) -> float:
+        if self.thread is not None and threading.current_thread() is self.thread:
+            self.thread = None
+            self.paused.set()
+            assert self.resumed.wait(5), "never resumed"
+        return self.now
+
+
+def test_a_request_that_finds_the_outage_over_is_checked():
+    # Request B saw the outage, then request A's probe was answered before B decided
+    # whether to probe: B asks the storage as any request, instead of being refused.
+    clock = PausingClock()
+    storage = FlakyStorage(clock)
+    limits = RateLimits(storage, fail_open=False, clock=clock)
+    cfg = limit(5)
+    storage.down = True
+    with pytest.raises(RateLimitUnavailable):
+        limits.check("svc", cfg, "service", Client(), {})
+    storage.down = False
+    clock.now += OUTAGE_RETRY
+    b, outcome = check_in_thread(limits, cfg)
+    clock.thread = b  # B stops at its first reading of the clock: when it may probe
+    b.start()
+    try:
+        assert clock.paused.wait(5)
+        assert limits.check("svc", cfg, "service", Client(), {})  # A: the probe, answered
+    finally:
+        clock.resumed.set()
+        b.join(5)
+    assert not b.is_alive()
+    assert isinstance(outcome[0], list) and "RateLimit" in dict(outcome[0]), outcome
+    assert limits.unanswered == 1
+
+
+def test_the_outage_log_names_the_cause_and_what_requests_get(clock, caplog):
+    storage = FlakyStorage(clock)
+    limits = RateLimits(storage, fail_open=False, where="redis://<redacted>@h:1/0", clock=clock)
+    cfg = limit(5)
+    storage.down = True
+    with caplog.at_level(logging.WARNING, "odin_gw.traffic.rate_limit"):
+        for _ in range(3):
+            with pytest.raises(RateLimitUnavailable) as unavailable:
+                limits.check("svc", cfg, "service", Client(), {})
+            assert "storage unavailable" in unavailable.value.message
+        clock.now += 2.5 * OUTAGE_RETRY
+        storage.down = False
+        assert limits.check("svc", cfg, "service", Client(), {})
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    failed, back = messages
+    assert "redis://<redacted>@h:1/0" in failed
+    assert "(ConnectionError: connection refused)" in failed  # the storage's own error
+    assert "requests are refused with 503" in failed and "unchecked" not in failed
+    assert back == (
+        f"rate-limit storage redis://<redacted>@h:1/0 answers again after {2.5 * OUTAGE_RETRY:.1f}s"
+    )
+
+
+def test_rate_limit_unavailable_keeps_its_details_and_says_when_to_retry():
+    exc = RateLimitUnavailable("storage down", storage="redis://<redacted>@h:1/0")
+    assert (exc.status, exc.code, exc.message) == (503, "rate_limit_unavailable", "storage down")
+    assert exc.details == {"storage": "redis://<redacted>@h:1/0"}
+    assert exc.headers == [("Retry-After", str(max(1, int(OUTAGE_RETRY))))]
 
 
 # -- wiring ---------------------------------------------------------------------------------

@@ -146,6 +146,41 @@ def test_no_master_outside_gunicorn():
     assert gunicorn_master() is None
 
 
+def test_the_master_is_the_recorded_pid_only_while_it_is_the_parent(monkeypatch):
+    # Only the environment is set (as the master exports it); the code runs as it is.
+    parent = os.getppid()
+    monkeypatch.setenv("ODIN_GUNICORN_MASTER_PID", str(parent))
+    assert gunicorn_master() == parent
+    monkeypatch.delenv("ODIN_GUNICORN_MASTER_PID")
+    assert gunicorn_master() is None
+    monkeypatch.setenv("odin_gunicorn_master_pid", str(parent))  # names are exact
+    assert gunicorn_master() is None
+
+
+@pytest.mark.parametrize(
+    "recorded",
+    [
+        "self",  # this process: a worker never signals itself
+        "other",  # a pid that is not the parent: orphaned, or started by a worker
+        "",
+        "-1",
+        " 12",
+        "12a",
+        "\u00b2",  # a digit to str.isdigit, not to int()
+        "parent in other digits",  # int() reads Arabic-Indic digits; the master's are ASCII
+    ],
+)
+def test_no_master_unless_the_recorded_pid_is_the_parent(monkeypatch, recorded):
+    parent = os.getppid()
+    value = {
+        "self": str(os.getpid()),
+        "other": str(1 if parent != 1 else os.getpid() + 1),
+        "parent in other digits": "".join(chr(0x660 + int(d)) for d in str(parent)),
+    }.get(recorded, recorded)
+    monkeypatch.setenv("ODIN_GUNICORN_MASTER_PID", value)
+    assert gunicorn_master() is None
+
+
 def test_reload_needs_the_admin_token(client):
     assert client.post("/admin/reload").status_code == 401
     assert client.get("/admin/reload").status_code == 401

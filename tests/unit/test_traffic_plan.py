@@ -188,6 +188,19 @@ def test_limits_come_first_and_their_headers_are_added():
     assert sum(metrics.totals("odin_rate_limited").values()) == 2
 
 
+def test_an_upgrade_counts_under_its_header_key():
+    # Tunnels take the service's limit alone, keyed as ordinary requests: here per API key.
+    plan, _ = build(
+        "    rateLimit: {requests: 1, per: hour, key: 'header:X-Api-Key'}\n", limited=True
+    )
+    first = env(headers={"X-Api-Key": "alice"})
+    plan.check_service_limit(first, Exchange(first))
+    with pytest.raises(RateLimited):
+        plan.check_service_limit(first, Exchange(first))
+    other = env(headers={"X-Api-Key": "bob"})  # same address, another key: its own count
+    plan.check_service_limit(other, Exchange(other))
+
+
 def test_a_rule_limit_applies_on_top_of_the_service_limit():
     plan, _ = build(
         """    rules:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import logging
+import ssl
+from time import monotonic
 from types import SimpleNamespace
 
 import pytest
@@ -13,8 +15,15 @@ from werkzeug.wrappers import Response
 
 from odin_gw.config.model import GatewayConfig, ServerConfig, ServiceConfig
 from odin_gw.edge_reader import HANDOVER, ConnectionHandover, CurrentRequest, TimeoutAnswer
-from odin_gw.proxy.transport import HeadTimeout, InvalidResponse, ResetAfterSend, StaleConnection
+from odin_gw.proxy.transport import (
+    ConnectFailed,
+    HeadTimeout,
+    InvalidResponse,
+    ResetAfterSend,
+    StaleConnection,
+)
 from odin_gw.proxy.tunnel import (
+    CHUNK,
     MAX_HEAD,
     MAX_INTERIM,
     BadAnswer,
@@ -47,6 +56,11 @@ def environ(protocol: str = "HTTP/1.1", **headers: str) -> dict:
         ("WebSocket", ("websocket",)),
         ("HTTP/2.0, SHTTP/1.3, IRC/6.9, RTA/x11", ("http", "shttp", "irc", "rta")),
         (" websocket ,  ", ("websocket",)),
+        (",websocket, ,\techo/1\t,", ("websocket", "echo")),  # empty items are skipped
+        ("XMPP", ("xmpp",)),
+        # Only SP and HTAB are optional white space (RFC 9110 5.6.3), not VT or FF.
+        ("websocket\x0b", ()),
+        ("\x0cwebsocket", ()),
         ("web socket", ()),
         ("websocket/", ()),
         ("a/b/c", ()),
@@ -67,6 +81,24 @@ def test_an_upgrade_needs_http_1_1_and_the_connection_option():
     assert upgrade_request(environ("HTTP/1.0", upgrade="websocket", connection="Upgrade")) == ()
     assert upgrade_request(environ("HTTP/2", upgrade="websocket", connection="Upgrade")) == ()
     assert upgrade_request(environ(connection="Upgrade")) == ()
+
+
+@pytest.mark.parametrize(
+    "connection",
+    [
+        "Upgrade, keep-alive",
+        "keep-alive,Upgrade",  # gunicorn joins repeated fields with a bare comma
+        "keep-alive,\tupgrade ,",
+        ", ,Upgrade",
+    ],
+)
+def test_the_upgrade_option_anywhere_in_a_connection_list(connection):
+    assert upgrade_request(environ(upgrade="websocket", connection=connection)) == ("websocket",)
+
+
+@pytest.mark.parametrize("connection", ["upgrade\x0b", "\x0cupgrade", "XUpgrade", "up grade"])
+def test_a_connection_option_is_a_whole_token(connection):
+    assert upgrade_request(environ(upgrade="websocket", connection=connection)) == ()
 
 
 def test_has_body():
@@ -95,12 +127,33 @@ def test_parse_head():
     assert (bare.status, bare.reason, bare.headers) == (403, "", (("X-A", "spaced"),))
 
 
+def test_parse_head_takes_bare_lf_line_ends_and_values_as_they_are():
+    head = parse_head(
+        b"HTTP/1.1 101 Switching Protocols\nUpgrade: websocket\nConnection: Upgrade\n"
+        b"Location: http://a.example:8080/x\nX-Time:12:30:00\nX-Mark: XOX \n\n"
+    )
+    assert head.all("upgrade") == ["websocket"]
+    assert head.all("connection") == ["Upgrade"]
+    # The name ends at the first colon; the value keeps every other one.
+    assert head.all("location") == ["http://a.example:8080/x"]
+    assert head.all("x-time") == ["12:30:00"]
+    assert head.all("x-mark") == ["XOX"]
+
+
+def test_an_invalid_status_line_is_quoted_in_the_error():
+    with pytest.raises(BadAnswer) as info:
+        parse_head(b"ICY 200 OK\r\nX-Second: line\r\n\r\n")
+    assert "b'ICY 200 OK\\r'" in str(info.value)
+    assert "X-Second" not in str(info.value)  # only the first line
+
+
 @pytest.mark.parametrize(
     ("head", "why"),
     [
         (b"HTTP/2 101 OK\r\n\r\n", "status line"),
         (b"ICY 200 OK\r\n\r\n", "status line"),
         (b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\n folded\r\n\r\n", "obs-fold"),
+        (b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\n\tfolded: x\r\n\r\n", "obs-fold"),
         (b"HTTP/1.1 101 OK\r\nX-A: a\x00b\r\n\r\n", "control character"),
         (b"HTTP/1.1 101 OK\r\nX-A: a\rb\r\n\r\n", "control character"),
         (b"HTTP/1.1 101 OK\r\nBad Name: x\r\n\r\n", "invalid header line"),
@@ -142,8 +195,21 @@ def test_a_101_without_upgrade_or_to_another_protocol_is_refused():
     assert b"\r\nUpgrade: echo/2\r\n" in switch_head(chosen, ("websocket", "echo"), "r")
 
 
+def test_a_101_switching_several_layers_keeps_their_order():
+    # RFC 9110 7.8: several protocols in layer-ascending order; repeated Upgrade fields
+    # are one list.
+    layered = parse_head(b"HTTP/1.1 101 S\r\nUpgrade: echo/2\r\nUpgrade: websocket\r\n\r\n")
+    sent = switch_head(layered, ("websocket", "echo"), "r")
+    assert b"\r\nUpgrade: echo/2, websocket\r\n" in sent
+    with pytest.raises(BadAnswer, match="did not offer"):
+        switch_head(layered, ("websocket",), "r")
+
+
 class ScriptedSocket:
-    """Gives ``recv`` the scripted pieces in turn (an exception is raised); then EOF."""
+    """Gives ``recv`` the scripted pieces in turn (an exception is raised); then EOF.
+
+    As a socket does, ``recv`` returns at most ``size`` bytes (the rest of a piece comes
+    next) and wants an ``int`` size."""
 
     def __init__(self, *pieces) -> None:
         self.pieces = list(pieces)
@@ -153,12 +219,16 @@ class ScriptedSocket:
         self.timeouts.append(value)
 
     def recv(self, size: int) -> bytes:
+        if not isinstance(size, int) or size <= 0:
+            raise TypeError(f"recv size {size!r}")
         if not self.pieces:
             return b""
         piece = self.pieces.pop(0)
         if isinstance(piece, BaseException):
             raise piece
-        return piece
+        if len(piece) > size:
+            self.pieces.insert(0, piece[size:])
+        return piece[:size]
 
 
 FAR = 1e12  # a deadline that never passes
@@ -176,11 +246,96 @@ def test_read_answer_skips_interim_answers_and_keeps_what_follows():
     assert len(sock.timeouts) == 3  # each read bounded by what is left of the deadline
 
 
+def test_each_read_waits_at_most_what_is_left_of_the_deadline():
+    sock = ScriptedSocket(b"HTTP/1.1 101 S\r\n", b"Upgrade: websocket\r\n\r\n")
+    # Less than a second left is time enough to read an answer that is there.
+    head, _ = read_answer(sock, monotonic() + 0.5)
+    assert head.startswith(b"HTTP/1.1 101 S")
+    assert len(sock.timeouts) == 2
+    assert all(t is not None and 0 < t <= 0.5 for t in sock.timeouts), sock.timeouts
+
+
 def test_read_answer_returns_a_final_answer_with_its_body_start():
     head, early = read_answer(
         ScriptedSocket(b"HTTP/1.1 403 No\r\nContent-Length: 2\r\n\r\nno"), FAR
     )
     assert head.startswith(b"HTTP/1.1 403") and early == b"no"
+
+
+def test_a_200_is_a_final_answer_and_199_an_interim_one():
+    head, early = read_answer(
+        ScriptedSocket(b"HTTP/1.1 199 Odd\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        FAR,
+    )
+    assert head == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n" and early == b"ok"
+
+
+def test_up_to_max_interim_answers_are_skipped():
+    interim = b"HTTP/1.1 103 Hints\r\n\r\n" * MAX_INTERIM
+    head, _ = read_answer(ScriptedSocket(interim + b"HTTP/1.1 101 S\r\n\r\n"), FAR)
+    assert head == b"HTTP/1.1 101 S\r\n\r\n"
+
+
+def test_a_head_that_is_no_answer_is_returned_for_parse_head_to_refuse():
+    head, early = read_answer(ScriptedSocket(b"SSH-2.0-OpenSSH_9.6\r\n\r\nrest"), FAR)
+    assert (head, early) == (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", b"rest")
+    # An empty line first ends the head there: no status line is looked for behind it.
+    answer = b"HTTP/1.1 101 S\r\nUpgrade: websocket\r\n\r\n"
+    head, early = read_answer(ScriptedSocket(b"\n\n" + answer), FAR)
+    assert (head, early) == (b"\n\n", answer)
+    for refused in (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", b"\n\n"):
+        with pytest.raises(BadAnswer, match="status line"):
+            parse_head(refused)
+
+
+def head_of(size: int, status: bytes = b"101 Switching Protocols") -> bytes:
+    """An answer head of exactly ``size`` bytes."""
+    start = b"HTTP/1.1 " + status + b"\r\nX-Pad: "
+    return start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
+
+
+def test_a_head_of_max_head_bytes_is_read_in_pieces_or_at_once():
+    exact = head_of(MAX_HEAD)
+    assert len(exact) == MAX_HEAD and MAX_HEAD <= CHUNK
+    assert read_answer(ScriptedSocket(exact), FAR) == (exact, b"")
+    half = MAX_HEAD // 2
+    assert read_answer(ScriptedSocket(exact[:half], exact[half:]), FAR) == (exact, b"")
+    assert read_answer(ScriptedSocket(exact[:-1], exact[-1:]), FAR) == (exact, b"")
+    # Each head on its own: an interim one of MAX_HEAD bytes, then the answer.
+    interim = head_of(MAX_HEAD, b"103 Early Hints")
+    assert read_answer(ScriptedSocket(interim, exact), FAR) == (exact, b"")
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        (head_of(MAX_HEAD + 1),),
+        # However it arrives: two reads each well below the limit (as nginx's fixed
+        # proxy_buffer_size and Envoy's header limit refuse it: 502).
+        (head_of(100 * 1024)[:60000], head_of(100 * 1024)[60000:]),
+        (head_of(MAX_HEAD + 1)[:-11], head_of(MAX_HEAD + 1)[-11:]),
+        # Refused once it cannot end within the limit, without waiting for more.
+        (head_of(MAX_HEAD + 1)[:MAX_HEAD],),
+    ],
+    ids=["one-piece", "two-pieces", "one-byte-over", "at-the-limit"],
+)
+def test_a_head_larger_than_max_head_is_refused(pieces):
+    with pytest.raises(InvalidResponse, match="KiB"):
+        read_answer(ScriptedSocket(*pieces), FAR)
+
+
+def test_a_tls_alert_before_any_answer_is_a_connect_failure():
+    def alert() -> ssl.SSLError:
+        exc = ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] alert")
+        exc.reason = "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+        return exc
+
+    # The peer's TLS stack refused our certificate: another endpoint may be tried.
+    with pytest.raises(ConnectFailed, match="the peer refused the TLS session"):
+        read_answer(ScriptedSocket(alert()), FAR)
+    # After part of an answer, the request was taken: never a connect failure.
+    with pytest.raises(ResetAfterSend):
+        read_answer(ScriptedSocket(b"HTTP/1.1 101 S\r\n", alert()), FAR)
 
 
 @pytest.mark.parametrize(
@@ -200,7 +355,7 @@ def test_read_answer_failures(pieces, error, why):
 
 
 def test_read_answer_stops_at_the_deadline():
-    with pytest.raises(HeadTimeout):
+    with pytest.raises(HeadTimeout, match="before the deadline"):
         read_answer(ScriptedSocket(b"HTTP/1.1 101 X\r\n"), 0.0)
 
 
@@ -213,6 +368,17 @@ def test_slots_count_up_to_the_limit():
     slots.release()
     assert slots.active == 1 and slots.acquire()
     assert not TunnelSlots(0).acquire()  # maxTunnels: 0 refuses every tunnel
+
+
+def test_a_released_slot_is_one_slot():
+    slots = TunnelSlots(3)
+    assert all(slots.acquire() for _ in range(3))
+    slots.release()
+    assert slots.active == 2
+    slots.release()
+    slots.release()
+    assert slots.active == 0
+    assert all(slots.acquire() for _ in range(3)) and not slots.acquire()
 
 
 def gateway(max_tunnels: int = 16, **service) -> SimpleNamespace:
@@ -239,6 +405,32 @@ def test_accepts_only_the_protocols_the_service_lists():
     assert not tunnels.accepts(environ(upgrade="websocket"), route)  # no Connection option
     plain = Tunnels(gateway())
     assert not plain.accepts(upgrade_environ(), SimpleNamespace(name="ws", config=None))
+
+
+@pytest.mark.parametrize("upgrade", ["web socket", "websocket/", ", ,", "websocket\x0b"])
+def test_an_upgrade_value_that_names_no_protocol_is_not_tunnelled(upgrade):
+    gw = gateway(upgrades=frozenset({"websocket"}))
+    route = SimpleNamespace(name="ws", config=gw.config.services[0])
+    assert not Tunnels(gw).accepts(upgrade_environ(upgrade), route)
+
+
+def test_h2c_is_never_tunnelled_even_when_a_service_lists_it():
+    # The config schema refuses h2c in upgrades; a ServiceConfig built in code is not
+    # checked, and the tunnel must not depend on that.
+    gw = gateway(upgrades=frozenset({"websocket", "h2c"}))
+    tunnels = Tunnels(gw)
+    route = SimpleNamespace(name="ws", config=gw.config.services[0])
+    assert tunnels.accepts(upgrade_environ("websocket"), route)
+    assert not tunnels.accepts(upgrade_environ("h2c"), route)
+    assert not tunnels.accepts(upgrade_environ("H2C, websocket"), route)
+
+
+def test_the_routes_own_config_wins_over_the_one_of_the_same_name():
+    tunnels = Tunnels(gateway(upgrades=frozenset({"websocket"})))
+    own = ServiceConfig(name="ws", base_path="/ws", upgrades=frozenset({"echo"}))
+    route = SimpleNamespace(name="ws", config=own)
+    assert tunnels.accepts(upgrade_environ("echo"), route)
+    assert not tunnels.accepts(upgrade_environ("websocket"), route)
 
 
 def test_a_route_without_its_config_is_looked_up_by_name():
@@ -274,6 +466,17 @@ def test_a_101_answer_keeps_its_body_for_gunicorn():
     # werkzeug drops the body of any 1xx answer; the tunnel is that body.
     assert list(Response(body, status=101).get_app_iter(env)) == []
     assert list(TunnelResponse(body, status=101).get_app_iter(env)) == [b"relay"]
+
+
+def test_a_101_answer_runs_its_close_callbacks():
+    # The access log and the concurrency cap's release hang on call_on_close.
+    closed: list[str] = []
+    response = TunnelResponse([b"relay"], status=101)
+    response.call_on_close(lambda: closed.append("done"))
+    body = response.get_app_iter({"REQUEST_METHOD": "GET"})
+    assert list(body) == [b"relay"]
+    body.close()
+    assert closed == ["done"]
 
 
 # -- the worker's connection handover ---------------------------------------------------------
