@@ -158,6 +158,10 @@ BAD_HEADS = {
     "two lengths": b"Content-Length: 2\r\n",
     "bad length": b"X-B: 1\r\n",
     "unknown transfer-encoding": b"Transfer-Encoding: gzip\r\n",
+    "no colon": b"X-A a\r\n",
+    "space before colon": b"X-A : a\r\n",
+    "empty name": b": a\r\n",
+    "mbox From line": b"From x@y Mon Jan 1\r\n",
 }
 
 
@@ -177,6 +181,35 @@ def test_invalid_answer_head_is_502_and_the_connection_is_closed(harness, name):
         assert up.wait_closed(0), "the connection with the bad answer was pooled"
         assert h.send()[2] == b"ok"  # a fresh connection next time
         assert len(up.connections) == 2
+
+
+def test_header_values_are_kept_as_sent_but_for_leading_blanks(harness):
+    head = (
+        b"HTTP/1.1 200 OK\r\nX-Pad:  \t padded  \r\nX-Empty:\r\nX-Colon: a:b: c\r\n"
+        b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\nX-Latin: caf\xe9\nContent-Length: 2\r\n\r\nok"
+    )
+    with RawUpstream([Reply(head)]) as up:
+        status, headers, body, _ = harness([up.url]).send()
+    assert (status, body) == (200, b"ok")
+    got = [(k, v) for k, v in headers if k.startswith(("X-", "Set-Cookie")) and k != "X-Request-Id"]
+    assert got == [
+        ("X-Pad", "padded  "),
+        ("X-Empty", ""),
+        ("X-Colon", "a:b: c"),
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2"),
+        ("X-Latin", "caf\xe9"),
+    ]
+
+
+def test_more_header_lines_than_http_client_allows_is_502(harness):
+    import http.client
+
+    many = b"".join(b"X-%d: v\r\n" % i for i in range(http.client._MAXHEADERS + 1))
+    head = b"HTTP/1.1 200 OK\r\n" + many + b"Content-Length: 0\r\n\r\n"
+    with RawUpstream([Reply(head)]) as up:
+        error, _ = harness([up.url]).fail()
+    assert error.status == 502
 
 
 @pytest.mark.parametrize(

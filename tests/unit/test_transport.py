@@ -584,3 +584,18 @@ def test_a_peer_outside_the_trust_domain_is_refused(pki):
             assert cause.presented == (stranger,)
     finally:
         session.close()
+
+
+def test_pin_http_message_reads_the_headers_list_the_fast_parse_fills():
+    import http.client
+
+    msg = http.client.HTTPMessage()
+    msg._headers.append(("Content-Length", "5"))
+    msg._headers.append(("set-cookie", "a=1"))
+    msg._headers.append(("Set-Cookie", "b=2"))
+    assert msg.get("content-length") == "5"
+    assert msg.get_all("SET-COOKIE") == ["a=1", "b=2"]
+    assert list(msg.items())[0] == ("Content-Length", "5")
+    del msg["set-cookie"]
+    assert msg.get_all("Set-Cookie") is None
+    assert (http.client._MAXLINE, http.client._MAXHEADERS) == (65536, 100)
