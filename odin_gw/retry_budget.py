@@ -45,6 +45,7 @@ from collections.abc import Callable
 from .shared_slots import (
     SLOT_HEADER_BYTES,
     SLOT_HEADER_CELLS,
+    OnSlots,
     SlotFile,
     acquire_without_convoy,
     key_hash,
@@ -198,7 +199,7 @@ class RetryBudget:
             lock.release()
 
 
-class BudgetStore:
+class BudgetStore(OnSlots):
     """Where budgets count: a shared file in the state dir, or this process's memory.
 
     ``path``: the state dir, or a callable giving it (read when the first budget is
@@ -245,18 +246,6 @@ class BudgetStore:
     def gen(self) -> int:
         """Bumped when the mapping changes: budgets re-bind their entry."""
         return self._slots.gen
-
-    @property
-    def shared(self) -> bool:
-        return self._slots.shared
-
-    @property
-    def file(self) -> str | None:
-        return self._slots.file
-
-    @property
-    def slot(self) -> int | None:
-        return self._slots.slot
 
     def entry(self, khash: int, width_ns: int) -> memoryview:
         """This worker's entry for a key (found or inserted), as int64 cells. Caller

@@ -329,6 +329,28 @@ class SlotFile:
         self._release()
 
 
+class OnSlots:
+    """For a class whose counts live in ``self._slots`` (a :class:`SlotFile`): where
+    they are, for admin answers and tests."""
+
+    _slots: SlotFile
+
+    @property
+    def shared(self) -> bool:
+        """Whether the counts hold for the host (else for this worker only)."""
+        return self._slots.shared
+
+    @property
+    def file(self) -> str | None:
+        """The shared file, or ``None`` when counting in this process."""
+        return self._slots.file
+
+    @property
+    def slot(self) -> int | None:
+        """This worker's slot in the file (``None`` before first use)."""
+        return self._slots.slot
+
+
 def _lock_byte(fd: int, cmd: int, kind: int, byte: int) -> None:
     fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0))
 

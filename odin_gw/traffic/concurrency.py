@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 from ..shared_slots import (
     SLOT_HEADER_BYTES,
     SLOT_HEADER_CELLS,
+    OnSlots,
     SlotFile,
     acquire_without_convoy,
     key_hash,
@@ -65,7 +66,7 @@ class _Service:
         self.cell: int | None = None  # index of this worker's count in the view
 
 
-class ConcurrencyCap:
+class ConcurrencyCap(OnSlots):
     """The ``maxConcurrent`` caps of a gateway's services, shared by the host's workers.
 
     ``path``: the state dir, a callable giving it (read at first use, in the worker),
@@ -176,21 +177,6 @@ class ConcurrencyCap:
         """Requests of ``service`` this worker refused (a counter for metrics)."""
         svc = self._services.get(service)
         return svc.rejected if svc is not None else 0
-
-    @property
-    def shared(self) -> bool:
-        """Whether the caps hold for the host (else per worker)."""
-        return self._slots.shared
-
-    @property
-    def file(self) -> str | None:
-        """The shared file, or ``None`` when counting per worker."""
-        return self._slots.file
-
-    @property
-    def slot(self) -> int | None:
-        """This worker's slot in the file (``None`` before first use)."""
-        return self._slots.slot
 
     def status(self) -> dict[str, dict[str, object]]:
         """Admin view: per capped service ``limit``, ``inflight`` (host),

@@ -70,7 +70,13 @@ from limits.errors import StorageError
 from limits.storage import SlidingWindowCounterSupport, Storage
 
 from ..mesh.state import StateDirError, check_private_dir
-from ..shared_slots import SLOT_HEADER_BYTES, SlotFile, acquire_without_convoy, key_hash
+from ..shared_slots import (
+    SLOT_HEADER_BYTES,
+    OnSlots,
+    SlotFile,
+    acquire_without_convoy,
+    key_hash,
+)
 
 log = logging.getLogger("odin_gw.traffic.host_storage")
 
@@ -97,7 +103,7 @@ def host_storage_uri(state_dir: str) -> str:
     return f"{SCHEME}://{quote(os.path.abspath(state_dir))}"
 
 
-class HostStorage(Storage, SlidingWindowCounterSupport):
+class HostStorage(OnSlots, Storage, SlidingWindowCounterSupport):
     """Counters in per-worker slots of a file in the state dir (see the module docstring).
 
     ``uri``: ``odin-host:///path/of/the/state/dir`` (the directory is created 0700 when
@@ -157,21 +163,6 @@ class HostStorage(Storage, SlidingWindowCounterSupport):
     @property
     def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
         return OSError
-
-    @property
-    def shared(self) -> bool:
-        """Whether the counts hold for the host (else for this worker only)."""
-        return self._slots.shared
-
-    @property
-    def file(self) -> str | None:
-        """The shared file, or ``None`` when counting in this process."""
-        return self._slots.file
-
-    @property
-    def slot(self) -> int | None:
-        """This worker's slot in the file (``None`` before first use)."""
-        return self._slots.slot
 
     # -- limits' SlidingWindowCounterSupport ---------------------------------------------
     def acquire_sliding_window(

@@ -17,14 +17,6 @@ from tests.support.upstream import free_port
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def backends():
-    started = [FaultBackend(n, free_port()).start() for n in ("a", "b", "c")]
-    yield started
-    for b in started:
-        b.stop()
-
-
 def service(backends, **extra) -> dict:
     svc = {
         "name": "svc",

@@ -9,18 +9,7 @@ import time
 import pytest
 import requests
 
-from tests.support.fault_backend import FaultBackend
-from tests.support.upstream import free_port
-
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def backends():
-    started = [FaultBackend(n, free_port()).start() for n in ("a", "b", "c")]
-    yield started
-    for b in started:
-        b.stop()
 
 
 class Load:
