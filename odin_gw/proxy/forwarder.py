@@ -60,6 +60,8 @@ BUDGETED = frozenset({Failure.RESET, Failure.TRY_TIMEOUT, Failure.STATUS})
 # Answers that count as the endpoint failing, for circuit breakers (and 5xx ejection):
 # Envoy's gateway errors.
 GATEWAY_FAILURES = frozenset({502, 503, 504})
+# Seconds between two "panic mode" warnings of one route.
+PANIC_LOG_EVERY = 10.0
 # Upstream bodies up to this size are read whole before the answer starts.
 SMALL_BODY = 64 * 1024
 NO_BODY_STATUS = frozenset({204, 304})
@@ -165,6 +167,7 @@ class Forwarder:
         self.policies: Mapping[str, ServicePolicy] = MappingProxyType(
             dict(getattr(gateway, "policies", None) or {})
         )
+        self._panic_logged: dict[str, float] = {}  # route -> when panic was last logged
 
     def use_policies(self, policies: Mapping[str, ServicePolicy]) -> None:
         """Apply new compiled policies (only routes that have one); requests in flight
@@ -274,13 +277,7 @@ class Forwarder:
                 if pick.panic and not panicked:
                     panicked = True
                     gateway.metrics.panic.labels(route.service).inc()
-                    log.warning(
-                        "%s: panic mode, too few healthy endpoints; balancing over all %d "
-                        "(request %s)",
-                        route.name,
-                        len(everyone),
-                        exchange.request_id,
-                    )
+                    self._log_panic(route, len(everyone), exchange.request_id)
                 if endpoint is None:
                     break
                 if endpoint.key not in tried:
@@ -407,6 +404,20 @@ class Forwarder:
             raise error
         exchange.error_kind = NoHealthyTarget.code
         raise NoHealthyTarget(f"{route.name}: no healthy target", service=route.name)
+
+    def _log_panic(self, route: Route, total: int, request_id: str) -> None:
+        """One warning per route every PANIC_LOG_EVERY seconds while it is in panic mode
+        (the metric counts every request): an outage must not flood the log."""
+        now = monotonic()
+        if now - self._panic_logged.get(route.name, -PANIC_LOG_EVERY) < PANIC_LOG_EVERY:
+            return
+        self._panic_logged[route.name] = now
+        log.warning(
+            "%s: panic mode, too few healthy endpoints; balancing over all %d (request %s)",
+            route.name,
+            total,
+            request_id,
+        )
 
     @staticmethod
     def _respond(resp, method: str, exchange: Exchange, finish) -> Response:
