@@ -319,9 +319,7 @@ def start_gateway(
             base_path=base_path,
             target=f"http://{HOST}:{upstream_port}",
             mesh=(
-                TRAFFIC_SERVICE.format(target=f"http://{HOST}:{upstream_port}")
-                if traffic
-                else ""
+                TRAFFIC_SERVICE.format(target=f"http://{HOST}:{upstream_port}") if traffic else ""
             )
             + (ISTIO_MESH if mesh == "istio" else ""),
         )

@@ -297,7 +297,8 @@ class IstioTelemetry:
         principal is the SPIFFE ID the chosen endpoint had to present (mesh mTLS), else
         ``unknown``, like every other destination workload label.
         """
-        service = exchange.service
+        # The destination is the backend group's service when a rule or split chose one.
+        service = exchange.route or exchange.service
         status = exchange.status
         if service is None and status != 404:
             return  # the gateway's own answers: not mesh traffic

@@ -164,5 +164,3 @@ def _plain(doc: dict) -> dict:
         name = head + "".join(p.capitalize() if not p[:1].isdigit() else p for p in rest)
         out[name] = _plain(value) if isinstance(value, dict) else value
     return out
-
-

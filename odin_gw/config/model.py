@@ -311,6 +311,8 @@ def group_services(services: tuple[ServiceConfig, ...]) -> tuple[ServiceConfig, 
                     # A static group is never looked up in the mesh.
                     mesh_service=group.mesh_service or f"{svc.name}/{group.name}",
                     load_balancing=group.load_balancing or svc.load_balancing,
+                    # Targets say their own port; a mesh group keeps the service's.
+                    port=None if group.targets else svc.port,
                     groups=(),
                     rules=(),
                     split=None,

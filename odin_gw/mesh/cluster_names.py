@@ -41,8 +41,15 @@ class ClusterService:
 def cluster_service(svc: ServiceConfig, config: GatewayConfig) -> ClusterService:
     """The Kubernetes Service behind ``svc``."""
     port = svc.port or (svc.targets[0].port if svc.targets else 80)
+    name = svc.mesh_service or svc.name
+    if svc.group_of is not None and svc.targets:
+        # A backend group given as targets is its service's Kubernetes Service (its
+        # derived name is no DNS name): the targets' port says which one answers.
+        parent = next((s for s in config.services if s.name == svc.group_of[0]), None)
+        if parent is not None:
+            name = parent.mesh_service or parent.name
     return ClusterService(
-        name=svc.mesh_service or svc.name,
+        name=name,
         namespace=svc.namespace or config.service_mesh.namespace,
         port=port,
         identity=svc.identity,

@@ -113,7 +113,8 @@ class LinkerdHeaders(TraceHeaders):
         self, exchange: Exchange, endpoint: Endpoint, headers: MutableMapping[str, str]
     ) -> None:
         trace, span, sampled = self.new_span(headers)
-        route = self.per_route.get(exchange.service or "")
+        # The backend group's own Service when a rule or split chose one.
+        route = self.per_route.get(exchange.route or exchange.service or "")
         if route is not None:
             authority, required, timeout = route
             headers["l5d-dst-override"] = authority

@@ -28,6 +28,7 @@ class Exchange:
         "request_id",
         "response_bytes",
         "retries",
+        "route",
         "service",
         "started",
         "status",
@@ -46,6 +47,10 @@ class Exchange:
         # What a trusted proxy said about the request (None: the peer is not trusted).
         self.forwarding: Forwarding | None = None
         self.service: str | None = None
+        # The route the request was sent along: the service's own, or one of its backend
+        # groups (``<service>/<group>``); set by the forwarder. Metrics and logs keep
+        # ``service``; what depends on the destination (mesh headers) reads this.
+        self.route: str | None = None
         self.target: str | None = None
         self.datacenter: str | None = None
         # The identity the upstream was held to (verified by the gateway's own mTLS, or

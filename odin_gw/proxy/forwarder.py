@@ -228,6 +228,7 @@ class Forwarder:
         client_sock = environ.get("gunicorn.socket")
         if client_sock is not None:
             self._bound_client_io(client_sock)
+        exchange.route = route.name
         out = self.outbound.build(environ, route, exchange, rule)
         method, url, headers = out.method, out.url, out.headers
         body, chunked, replayable = out.body, out.chunked, out.replayable

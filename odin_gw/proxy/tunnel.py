@@ -592,6 +592,7 @@ class Tunnels:
         timeout = route.timeout.read_timeout
         deadline = monotonic() + timeout
         exchange.timeout = timeout
+        exchange.route = route.name
         candidates = gateway.candidates(route)
         everyone = gateway.every_endpoint(route)
         balancer, health = route.balancer, route.health

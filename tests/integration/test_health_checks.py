@@ -311,8 +311,10 @@ def test_connect_mtls_probes_check_identity_like_requests(gateway_factory):
         )
         # Both workers follow the leader's verdicts (the one asked above may be ahead).
         eventually(
-            lambda: "identity" in (checks()[evil.port]["reason"] or "")
-            and "identity" in (checks()[evil.port]["reason"] or ""),
+            lambda: (
+                "identity" in (checks()[evil.port]["reason"] or "")
+                and "identity" in (checks()[evil.port]["reason"] or "")
+            ),
             timeout=8,
             what="the identity failure on every worker",
         )

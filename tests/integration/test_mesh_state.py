@@ -68,8 +68,11 @@ def test_no_state_dir_without_a_mesh_or_shared_counts(tmp_path, gateway_factory,
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
     gw = gateway_factory(
-        {"services": [{"name": "web", "basePath": "/web", "targets": [upstream.url],
-                       "retries": 0}]},
+        {
+            "services": [
+                {"name": "web", "basePath": "/web", "targets": [upstream.url], "retries": 0}
+            ]
+        },
         env={"RUNTIME_DIRECTORY": str(runtime)},
     )
     assert servers(gw, "/web/x") == {"a"}

@@ -222,3 +222,32 @@ def test_a_debug_trace_is_debug_in_the_linkerd_1_encoding_too():
     )
     raw = base64.b64decode(sent["l5d-ctx-trace"])
     assert int.from_bytes(raw[24:32], "big") == 7  # debug, sampling known, sampled
+
+
+GROUPS = """
+services:
+  - name: shop
+    basePath: /shop
+    port: 8080
+    groups:
+      canary: {meshService: shop-canary}
+      pinned: {targets: ["http://10.0.0.7:9090"]}
+serviceMesh: {enabled: true, type: linkerd, namespace: shop}
+"""
+
+
+def test_a_backend_group_is_sent_to_its_own_service():
+    inj = LinkerdHeaders(parse_config(GROUPS))
+    env = {"REQUEST_METHOD": "GET", "PATH_INFO": "/x"}
+    for route, authority in (
+        (None, "shop.shop.svc.cluster.local:8080"),
+        ("shop/canary", "shop-canary.shop.svc.cluster.local:8080"),
+        # Given as targets: the service's own Service, on the targets' port.
+        ("shop/pinned", "shop.shop.svc.cluster.local:9090"),
+    ):
+        exchange = Exchange(env)
+        inj.request(exchange, env)
+        exchange.service, exchange.route = "shop", route
+        headers = OutboundHeaders()
+        inj.upstream(exchange, Endpoint(address="h", port=1), headers)
+        assert headers["l5d-dst-override"] == authority, route
