@@ -216,3 +216,49 @@ def test_a_rule_limit_applies_on_top_of_the_service_limit():
     # The service has no limit of its own: only the rule's headers.
     response, _, _ = handle(plan, env("/shop/other"))
     assert "RateLimit" not in dict(response.headers)
+
+
+def test_service_and_rule_limits_each_add_their_headers_and_count_apart():
+    plan, _ = build(
+        """    rateLimit: {requests: 5, per: hour}
+    rules:
+      - match: {path: {prefix: /shop/a}}
+        rateLimit: {requests: 1, per: hour, key: "header:X-Api-Key"}
+      - match: {path: {prefix: /shop/b}}
+        rateLimit: {requests: 1, per: hour}
+""",
+        limited=True,
+    )
+    response, _, _ = handle(plan, env("/shop/a", headers={"X-Api-Key": "k1"}))
+    policies = [v for k, v in response.headers.items() if k == "RateLimit-Policy"]
+    assert len(policies) == 2 and any("rule-0" in p for p in policies)
+    # Another key for rule 0, and rule 1: their own counters.
+    handle(plan, env("/shop/a", headers={"X-Api-Key": "k2"}))
+    handle(plan, env("/shop/b"))
+    with pytest.raises(RateLimited):
+        handle(plan, env("/shop/a", headers={"X-Api-Key": "k1"}))
+    with pytest.raises(RateLimited):
+        handle(plan, env("/shop/b"))
+
+
+def test_a_rule_that_only_removes_response_headers_is_applied():
+    plan, _ = build(
+        """    rules:
+      - match: {methods: [GET]}
+        responseHeaders: {remove: [Server]}
+"""
+    )
+    response, _, _ = handle(plan, env())
+    assert "Server" not in response.headers
+
+
+def test_the_split_cookie_is_scoped_to_the_service_path():
+    plan, _ = build(
+        """    split:
+      groups: [{group: canary, weight: 1}]
+      sticky: {cookie: side}
+"""
+    )
+    response, _, _ = handle(plan, env())
+    (cookie,) = [v for k, v in response.headers.items() if k == "Set-Cookie"]
+    assert "Path=/shop" in cookie
