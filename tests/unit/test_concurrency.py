@@ -26,13 +26,6 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def state_dir(tmp_path):
-    path = tmp_path / "state"
-    path.mkdir(mode=0o700)
-    return str(path)
-
-
 def take_all(cap, service, limit=1000):
     taken = 0
     while taken < limit and cap.try_acquire(service):

@@ -65,13 +65,6 @@ def limits(clock):
     return RateLimits(HostStorage(clock=clock), clock=clock)
 
 
-@pytest.fixture
-def state_dir(tmp_path):
-    path = tmp_path / "state"
-    path.mkdir(mode=0o700)
-    return str(path)
-
-
 def allowed_count(limits, cfg, client=None, environ=None, attempts=1000, scope="service"):
     """Requests allowed before the first refusal (the refusal is returned too)."""
     client = client or Client()

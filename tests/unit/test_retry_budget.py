@@ -24,13 +24,6 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def state_dir(tmp_path):
-    path = tmp_path / "state"
-    path.mkdir(mode=0o700)
-    return str(path)
-
-
 def spend_all(budget, limit: int = 10_000) -> int:
     spent = 0
     while spent < limit and budget.withdraw():
