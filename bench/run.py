@@ -16,6 +16,8 @@ Throughput/latency scenario, one target after another (never concurrently):
   split between two backend groups (both nginx), a header rule, a circuit breaker with a
   concurrency cap, and a rate limit set high enough never to refuse (every request
   still pays for the check);
+* ``tracing`` - the same gateway exporting a span pair for every request (sampling 1.0,
+  the worst case) over OTLP/HTTP to a sink in this process that answers 200;
 
 both Python targets with ``gthread``, 1 worker, 8 threads; each measured with
 8 connections and with 1 connection (wrk if installed, else a Python load
@@ -55,7 +57,7 @@ WORKERS = 1
 THREADS = 8
 READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
-ALL_TARGETS = ("nginx", "floor", "gateway", "traffic")
+ALL_TARGETS = ("nginx", "floor", "gateway", "traffic", "tracing")
 CONN_RUNS = ((8, 2), (1, 1))  # (connections, wrk threads)
 CONCURRENCY_CLIENTS = 64
 SLOW_DELAY = 0.2
@@ -109,6 +111,45 @@ TRAFFIC_SERVICE = """    groups:
       maxConcurrent: 1000
     rateLimit: {{requests: 100000000, per: second, key: ip}}
 """
+
+
+#: ``tracing``: every request sampled and exported (the worst case of issue 11's spans).
+TRACING = """tracing:
+  enabled: true
+  endpoint: {endpoint}
+  insecure: true
+  sampleRate: 1.0
+"""
+
+
+class OtlpSink:
+    """Accepts OTLP/HTTP exports on loopback and answers 200 (the gateway's exporter
+    cost is measured, not a collector's)."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer((HOST, 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://{HOST}:{self.server.server_address[1]}/v1/traces"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class StartupError(Exception):
@@ -308,6 +349,7 @@ def start_gateway(
     sized: bool,
     mesh: str = "none",
     traffic: bool = False,
+    tracing: str | None = None,
 ) -> tuple[Child, int]:
     port = free_port()
     config = tmp / f"{label}.yaml"
@@ -321,7 +363,8 @@ def start_gateway(
             mesh=(
                 TRAFFIC_SERVICE.format(target=f"http://{HOST}:{upstream_port}") if traffic else ""
             )
-            + (ISTIO_MESH if mesh == "istio" else ""),
+            + (ISTIO_MESH if mesh == "istio" else "")
+            + (TRACING.format(endpoint=tracing) if tracing else ""),
         )
     )
     # TMPDIR: whatever the gateway keeps in the temp dir (its per-port state dir,
@@ -519,12 +562,21 @@ def throughput_scenario(args: argparse.Namespace, tmp: Path, cleanup: list[Child
         "traffic": lambda: start_gateway(
             tmp, "traffic", "bench", "/bench", nginx_port, sized=True, traffic=True
         ),
+        "tracing": lambda: start_gateway(
+            tmp, "tracing", "bench", "/bench", nginx_port, sized=True, tracing=sink().endpoint
+        ),
     }
+    sinks: list[OtlpSink] = []
+
+    def sink() -> OtlpSink:
+        sinks.append(OtlpSink())
+        return sinks[-1]
+
     # Both proxies stay up (idle between turns) and are measured in alternating rounds;
     # the median of the rounds is reported. A shared 2-core VM drifts over a minute, and
     # back-to-back blocks would charge that drift to whichever target ran second.
     running: dict[str, int] = {}
-    for target in ("floor", "gateway", "traffic", "istio"):
+    for target in ("floor", "gateway", "traffic", "tracing", "istio"):
         if target not in args.targets and not (target == "istio" and args.mesh == "istio"):
             continue
         child, port = starters[target]()
@@ -541,6 +593,8 @@ def throughput_scenario(args: argparse.Namespace, tmp: Path, cleanup: list[Child
                 rounds.setdefault((target, r.conns), []).append(r)
     for runs in rounds.values():
         results.append(median_result(runs))
+    for s in sinks:
+        s.close()
     return results
 
 
@@ -653,7 +707,7 @@ def print_report(results: list[Result]) -> None:
     # traffic management on, and --mesh istio: measured in the same rounds.
     for target, attr, conns, goal, better in (
         (t, attr, conns, goal, better)
-        for t in ("traffic", "istio")
+        for t in ("traffic", "tracing", "istio")
         for attr, conns, goal, better in (
             ("rps", 8, GOAL_THROUGHPUT, "ge"),
             ("p50_ms", 1, GOAL_P50, "le"),

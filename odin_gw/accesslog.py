@@ -12,11 +12,13 @@ import threading
 import time
 
 from .config.model import LoggingConfig
-from .proxy.exchange import Exchange
+from .proxy.exchange import CURRENT, Exchange
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line; ``extra={"fields": {...}}`` is merged in."""
+    """One JSON object per line; ``extra={"fields": {...}}`` is merged in. A line
+    written while a request runs on the thread carries its ``requestId`` and, when
+    traced, ``traceId``."""
 
     def format(self, record: logging.LogRecord) -> str:
         doc = {
@@ -25,6 +27,11 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        exchange = CURRENT.get()
+        if exchange is not None:
+            doc["requestId"] = exchange.request_id
+            if exchange.trace is not None:
+                doc["traceId"] = exchange.trace.trace_id
         fields = getattr(record, "fields", None)
         if fields:
             doc.update(fields)
@@ -52,6 +59,15 @@ def configure_logging(cfg: LoggingConfig) -> None:
     handler._odin = True  # type: ignore[attr-defined]
     handler.setFormatter(formatter)
     root.addHandler(handler)
+    # The OpenTelemetry exporter's own warnings (a collector refusing spans) in the
+    # gateway's format, at warning level whatever logging.level says.
+    otel = logging.getLogger("opentelemetry")
+    otel.setLevel(logging.WARNING)
+    otel.propagate = False
+    for old in list(otel.handlers):
+        if getattr(old, "_odin", False):
+            otel.removeHandler(old)
+    otel.addHandler(handler)
 
 
 BATCH_DELAY = 0.05
@@ -147,6 +163,11 @@ class AccessLog:
             }
             if exchange.error_kind:
                 doc["error"] = exchange.error_kind
+            trace = exchange.trace
+            if trace is not None:
+                doc["traceId"] = trace.trace_id
+                if trace.span_id is not None:
+                    doc["spanId"] = trace.span_id
             # json.dumps escapes control characters (and, ASCII-only, everything else
             # unusual): a decoded %0A stays inside its string.
             return json.dumps(doc) + "\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from time import time_ns
 
 from flask import Flask, jsonify, request
 from flask.sessions import NullSession, SessionInterface
@@ -14,7 +15,7 @@ from .config import GatewayConfig, load_config
 from .errors import GatewayError
 from .gateway import Gateway
 from .istio_telemetry import istio_telemetry
-from .proxy.exchange import Exchange
+from .proxy.exchange import CURRENT, Exchange
 from .proxy.forwarder import ProxyResponse
 from .proxy.trust import ForwardingTrust
 
@@ -109,10 +110,12 @@ class RequestHooks:
         self.trust = ForwardingTrust(gateway.config.server.trusted_proxies)
         self.istio = istio_telemetry(gateway)  # None unless Istio with enableTelemetry
         self.tap = gateway.tap  # None unless Linkerd with enableTap
+        self.tracer = gateway.tracer  # None unless tracing.enabled
 
     def start(self) -> None:
         environ = request.environ
         exchange = Exchange(environ)
+        CURRENT.set(exchange)
         environ[EXCHANGE] = exchange
         environ[GATEWAY] = self.gateway
         forwarding = self.trust.decide(environ)  # None at once when nothing is trusted
@@ -141,9 +144,12 @@ class RequestHooks:
         access_log = self.access_log
         istio = self.istio
         tap = self.tap
+        tracer = self.tracer
 
         def done() -> None:
             seconds = exchange.elapsed()
+            if tracer is not None:
+                tracer.record(exchange, time_ns())
             metrics.observe(
                 exchange.service, exchange.method, exchange.status, seconds, exchange.error_kind
             )

@@ -22,6 +22,7 @@ from .retry_budget import DEFAULT_KEYS, BudgetStore
 from .route_policy import ServicePolicy, config_policy
 from .routing import Route, RouteTable
 from .tap_hub import TapHub
+from .tracer import Tracer
 from .traffic.concurrency import ConcurrencyCap
 from .traffic.events import TrafficEvents
 from .traffic.rate_limit import RateLimits
@@ -75,6 +76,12 @@ class Gateway:
         self.rate_limits = RateLimits.for_gateway(self)  # None unless a rateLimit is set
         # istio.enablePolicyCheck: the ext_authz check before each proxied request.
         self.ext_authz = ExtAuthz.from_config(config, self.forwarder.outbound, pool_size=threads)
+        # tracing.enabled: the spans of sampled requests, exported over OTLP/HTTP.
+        self.tracer = (
+            Tracer(config.tracing, self.metrics, config.service_mesh.kind)
+            if config.tracing.enabled
+            else None
+        )
         logs = config.logging
         self.access_log = (
             AccessLog(json_lines=logs.json)
@@ -115,6 +122,8 @@ class Gateway:
             self.ext_authz.close()
         if self.access_log is not None:
             self.access_log.close()
+        if self.tracer is not None:
+            self.tracer.close()
 
     # -- hot path ---------------------------------------------------------------------
     def candidates(self, route: Route) -> tuple[Endpoint, ...]:

@@ -170,6 +170,18 @@ class GatewayMetrics:
             ["service", "result"],
             **kw,
         )
+        # -- tracing (issue 11) --
+        self.spans_exported = Counter(
+            "odin_tracing_spans_exported",
+            "Spans the OTLP exporter delivered to the collector",
+            **kw,
+        )
+        self.spans_dropped = Counter(
+            "odin_tracing_spans_dropped",
+            "Spans lost: the export queue was full, or the collector refused or was unreachable",
+            ["reason"],
+            **kw,
+        )
         self._label_cache: dict[tuple, tuple] = {}
 
     @property

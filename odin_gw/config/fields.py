@@ -70,3 +70,21 @@ def bad_value_char(value: str) -> str | None:
         if code > 0xFF or code == 0x7F or (code < 0x20 and c != "\t"):
             return c
     return None
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """What is wrong with a configured header ``name: value``, or ``None``."""
+    if not is_token(name):
+        return (
+            f"{name!r} is not a valid header name (RFC 9110 token: ASCII letters, "
+            "digits and !#$%&'*+-.^_`|~)"
+        )
+    if any(c in value for c in "\r\n\0"):
+        return f"value of {name} contains CR, LF or NUL"
+    bad = bad_value_char(value)
+    if bad is not None:
+        return (
+            f"value of {name} contains {bad!r}: header values are sent as Latin-1 "
+            "and must be visible characters, spaces or tabs"
+        )
+    return None

@@ -102,6 +102,7 @@ def build_config(
         services=tuple(loaded["services"]),
         service_mesh=loaded["service_mesh"],
         rate_limit=loaded["rate_limit"],
+        tracing=loaded["tracing"],
         raw=expanded,
         notices=notices,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .tracing import TracingConfig
 from .traffic import (
     CircuitBreakerConfig,
     GatewayRateLimitConfig,
@@ -268,6 +269,7 @@ class GatewayConfig:
     services: tuple[ServiceConfig, ...] = ()
     service_mesh: MeshConfig = field(default_factory=MeshConfig)
     rate_limit: GatewayRateLimitConfig = field(default_factory=GatewayRateLimitConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     #: Every service traffic can reach: ``services`` then each backend group as a
     #: derived service named ``<service>/<group>`` (discovered and balanced like one).
     backends: tuple[ServiceConfig, ...] = ()
@@ -291,8 +293,13 @@ class GatewayConfig:
         return tuple(dict.fromkeys(paths))
 
     def redacted(self) -> dict:
-        """The raw tree with every secret value replaced by ``"<redacted>"``."""
-        return _redact(self.raw)
+        """The raw tree with every secret value replaced by ``"<redacted>"`` (every
+        ``tracing.headers`` value too: collector credentials go by many names)."""
+        tree = _redact(self.raw)
+        tracing = tree.get("tracing") if isinstance(tree, dict) else None
+        if isinstance(tracing, dict) and isinstance(tracing.get("headers"), dict):
+            tracing["headers"] = {name: "<redacted>" for name in tracing["headers"]}
+        return tree
 
 
 def group_services(services: tuple[ServiceConfig, ...]) -> tuple[ServiceConfig, ...]:

@@ -16,7 +16,8 @@ from marshmallow import (
 )
 
 from . import model
-from .fields import Duration, Section, Size, bad_value_char, is_token
+from .fields import Duration, Section, Size, header_problem, is_token
+from .tracing import TracingConfig, TracingSchema
 from .traffic import (
     CircuitBreakerSchema,
     GatewayRateLimitConfig,
@@ -348,21 +349,9 @@ class ServiceSchema(Section):
             if problems:
                 raise ValidationError(problems, "basePath")
         for name, value in (data.get("headers") or {}).items():
-            if not is_token(name):
-                raise ValidationError(
-                    f"{name!r} is not a valid header name (RFC 9110 token: ASCII letters, "
-                    "digits and !#$%&'*+-.^_`|~)",
-                    "headers",
-                )
-            if any(c in value for c in "\r\n\0"):
-                raise ValidationError(f"value of {name} contains CR, LF or NUL", "headers")
-            bad = bad_value_char(value)
-            if bad is not None:
-                raise ValidationError(
-                    f"value of {name} contains {bad!r}: header values are sent as Latin-1 "
-                    "and must be visible characters, spaces or tabs",
-                    "headers",
-                )
+            problem = header_problem(name, value)
+            if problem is not None:
+                raise ValidationError(problem, "headers")
 
     @post_load
     def build(self, data, **kwargs):
@@ -600,6 +589,7 @@ class GatewaySchema(Section):
     rate_limit = fields.Nested(
         GatewayRateLimitSchema, data_key="rateLimit", load_default=GatewayRateLimitConfig
     )
+    tracing = fields.Nested(TracingSchema, load_default=TracingConfig)
 
     @validates_schema(skip_on_field_errors=False, pass_original=True)
     def check_services(self, data, original, **kwargs):

@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, MutableMapping
+from time import time_ns
 
 from ..config.model import ConsulConfig, MeshConfig, ServiceConfig
 from ..proxy.exchange import Exchange
 from ..proxy.headers import UNTRUSTED_ONLY, env_key, upstream_headers
 from .snapshot import Endpoint
-from .tracing import extract, new_span_id, new_trace_id, sampler, traceparent
+from .tracing import (
+    Attempt,
+    Trace,
+    b3_single,
+    extract,
+    new_span_id,
+    new_trace_id,
+    sampler,
+    traceparent,
+)
 
 log = logging.getLogger("odin_gw.mesh")
 
@@ -62,16 +72,20 @@ class ConsulHeaders(MeshHeaders):
 
 
 class TraceHeaders(MeshHeaders):
-    """B3 and W3C trace context for meshes whose proxies trace (Istio, Linkerd).
+    """B3 and W3C trace context, for every mesh type (and none).
 
     Per request (:meth:`request`): the trace is continued from ``b3``, ``x-b3-*`` or
-    ``traceparent`` (see :mod:`odin_gw.mesh.tracing`), or a new one starts;
-    ``X-B3-TraceId``, ``X-B3-Sampled`` (kept, else decided by ``sampling_rate``),
-    ``X-B3-ParentSpanId`` (the caller's span, when there was one), ``X-B3-Flags: 1``
-    (debug, when asked) and ``tracestate`` (with its own trace only) are added.
+    ``traceparent`` (see :mod:`odin_gw.mesh.tracing`), or a new one starts; the
+    exchange gets its :class:`~odin_gw.mesh.tracing.Trace`, and ``X-B3-TraceId``,
+    ``X-B3-Sampled`` (kept, else decided by ``sampling_rate``), ``X-B3-ParentSpanId``
+    (the hop's parent: the gateway's span when spans are recorded, else the caller's
+    span when there was one), ``X-B3-Flags: 1`` (debug, when asked) and ``tracestate``
+    (with its own trace only) are added.
 
     Per attempt (:meth:`upstream`): a new ``X-B3-SpanId`` and the matching
-    ``traceparent``, so each try, a retry on another endpoint too, is its own hop.
+    ``traceparent`` (and ``b3``, when the context came in that single header), so each
+    try, a retry on another endpoint too, is its own hop; a recorded trace notes the
+    attempt (:class:`~odin_gw.mesh.tracing.Attempt`) for the exported span.
 
     Stripped from clients: the trace headers above (re-sent consistent, never raw).
     """
@@ -79,17 +93,26 @@ class TraceHeaders(MeshHeaders):
     strip = frozenset({"HTTP_B3", "HTTP_TRACEPARENT", "HTTP_TRACESTATE"})
     strip_prefixes: tuple[str, ...] = ("HTTP_X_B3_",)
 
-    def __init__(self, sampling_rate: float = 1.0) -> None:
+    def __init__(self, sampling_rate: float = 1.0, recording: bool = False) -> None:
         self.decide = sampler(sampling_rate)  # () -> "1" | "0"
+        self.recording = recording  # spans are exported (tracing.enabled)
 
     def request(self, exchange: Exchange, environ: dict) -> None:
         inbound = extract(environ)
+        sampled = inbound.sampled or self.decide()
+        trace = Trace(
+            inbound,
+            inbound.trace_id or new_trace_id(),
+            sampled,
+            self.recording and sampled == "1",
+        )
+        exchange.trace = trace
         add = exchange.mesh_headers.append
-        trace = inbound.trace_id
-        add(("X-B3-TraceId", trace or new_trace_id()))
-        if trace is not None:  # the caller's span is the parent of the upstream hop
-            add(("X-B3-ParentSpanId", inbound.span_id))
-        add(("X-B3-Sampled", inbound.sampled or self.decide()))
+        add(("X-B3-TraceId", trace.trace_id))
+        parent = trace.hop_parent
+        if parent is not None:
+            add(("X-B3-ParentSpanId", parent))
+        add(("X-B3-Sampled", sampled))
         if inbound.debug:
             add(("X-B3-Flags", "1"))
         if inbound.tracestate is not None:
@@ -98,27 +121,41 @@ class TraceHeaders(MeshHeaders):
     def upstream(
         self, exchange: Exchange, endpoint: Endpoint, headers: MutableMapping[str, str]
     ) -> None:
-        self.new_span(headers)
+        self.new_span(headers, exchange, endpoint)
 
-    def new_span(self, headers: MutableMapping[str, str]) -> tuple[str, str, str]:
+    def new_span(
+        self,
+        headers: MutableMapping[str, str],
+        exchange: Exchange | None = None,
+        endpoint: Endpoint | None = None,
+    ) -> tuple[str, str, str]:
         """A new span for this attempt: ``(trace id, span id, sampled)`` as sent."""
         # The trace id and decision are read back from what will be sent, so the span and
         # traceparent always agree with them.
-        trace = headers.get("X-B3-TraceId")
+        trace_id = headers.get("X-B3-TraceId")
         sampled = headers.get("X-B3-Sampled")
-        if trace is None or sampled is None:  # request() did not run: a trace of its own
-            trace = headers["X-B3-TraceId"] = new_trace_id()
+        if trace_id is None or sampled is None:  # request() did not run: a trace of its own
+            trace_id = headers["X-B3-TraceId"] = new_trace_id()
             sampled = headers["X-B3-Sampled"] = self.decide()
         span = new_span_id()
         headers["X-B3-SpanId"] = span
-        headers["traceparent"] = traceparent(trace, span, sampled)
-        return trace, span, sampled
+        headers["traceparent"] = traceparent(trace_id, span, sampled)
+        trace = exchange.trace if exchange is not None else None
+        if trace is not None:
+            if trace.single:
+                headers["b3"] = b3_single(
+                    trace_id, span, sampled, trace.debug, headers.get("X-B3-ParentSpanId")
+                )
+            if trace.attempts is not None:
+                trace.attempts.append(Attempt(span, endpoint, time_ns()))
+        return trace_id, span, sampled
 
 
 class IstioHeaders(TraceHeaders):
     """The spec's "Istio Headers", as today's Istio and Envoy read them.
 
-    The trace headers of :class:`TraceHeaders` (sampling by ``istio.samplingRate``),
+    The trace headers of :class:`TraceHeaders` (sampling by ``tracing.sampleRate``, else
+    ``istio.samplingRate``),
     plus ``X-Envoy-Namespace`` (``serviceMesh.namespace``). ``X-Request-Id`` is the
     exchange's (kept when sane, else a new UUID).
 
@@ -141,8 +178,15 @@ class IstioHeaders(TraceHeaders):
 
     strip_prefixes = ("HTTP_X_B3_", "HTTP_X_ENVOY_")
 
-    def __init__(self, mesh: MeshConfig, services: Iterable[ServiceConfig] = ()) -> None:
-        super().__init__(mesh.istio.sampling_rate)
+    def __init__(
+        self,
+        mesh: MeshConfig,
+        services: Iterable[ServiceConfig] = (),
+        sampling_rate: float | None = None,
+        recording: bool = False,
+    ) -> None:
+        rate = mesh.istio.sampling_rate if sampling_rate is None else sampling_rate
+        super().__init__(rate, recording)
         self.namespace = ("X-Envoy-Namespace", mesh.namespace)
         self.custom = _custom_copies(mesh.istio.custom_headers, services)
 
@@ -204,19 +248,25 @@ def _custom_copies(
 
 
 def injectors_for(config) -> list[MeshHeaders]:
-    """The injector pipeline for the configured mesh (order = call order)."""
+    """The injector pipeline for the configured mesh (order = call order). Trace
+    context is propagated whatever the mesh (:class:`TraceHeaders` or a subclass)."""
     mesh = config.service_mesh
+    tracing = config.tracing
+    rate = tracing.sample_rate
+    if rate is None:
+        rate = mesh.istio.sampling_rate if mesh.kind == "istio" else 1.0
+    recording = tracing.enabled
     if mesh.kind == "consul":
         if mesh.consul.forward_token and mesh.consul.token:
             log.warning(
                 "consul.forwardToken is on: the gateway's Consul ACL token is sent to every "
                 "backend as X-Consul-Token; any backend can then act on Consul with it"
             )
-        return [ConsulHeaders(mesh.consul)]
+        return [TraceHeaders(rate, recording), ConsulHeaders(mesh.consul)]
     if mesh.kind == "istio":  # sidecar and direct mode alike
-        return [IstioHeaders(mesh, config.backends)]
+        return [IstioHeaders(mesh, config.backends, rate, recording)]
     if mesh.kind == "linkerd":
         from .linkerd import LinkerdHeaders
 
-        return [LinkerdHeaders(config)]
-    return []
+        return [LinkerdHeaders(config, rate, recording)]
+    return [TraceHeaders(rate, recording)]

@@ -88,8 +88,10 @@ class LinkerdHeaders(TraceHeaders):
 
     strip_prefixes = ("HTTP_X_B3_", "HTTP_L5D_")
 
-    def __init__(self, config: GatewayConfig) -> None:
-        super().__init__()
+    def __init__(
+        self, config: GatewayConfig, sampling_rate: float = 1.0, recording: bool = False
+    ) -> None:
+        super().__init__(sampling_rate, recording)
         mesh = config.service_mesh
         self.legacy = mesh.linkerd.legacy_headers
         # route name -> (l5d-dst-override, l5d-require-id or None, the route's timeout)
@@ -112,7 +114,7 @@ class LinkerdHeaders(TraceHeaders):
     def upstream(
         self, exchange: Exchange, endpoint: Endpoint, headers: MutableMapping[str, str]
     ) -> None:
-        trace, span, sampled = self.new_span(headers)
+        trace, span, sampled = self.new_span(headers, exchange, endpoint)
         # The backend group's own Service when a rule or split chose one.
         route = self.per_route.get(exchange.route or exchange.service or "")
         if route is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Mapping
+from time import time_ns
 from typing import NamedTuple
 
 _HEX = "0123456789abcdef"
@@ -170,6 +171,8 @@ class Inbound(NamedTuple):
     sampled: str | None = None
     debug: bool = False
     tracestate: str | None = None
+    #: The context came in the single ``b3`` header: it is sent on in that form too.
+    single: bool = False
 
 
 NO_CONTEXT = Inbound()
@@ -180,7 +183,7 @@ def parse_b3_single(value: str) -> Inbound:
     parts = value.split("-")
     if len(parts) == 1:  # a sampling decision alone: b3: 0 | 1 | d
         state = _B3_SINGLE_STATE.get(parts[0])
-        return NO_CONTEXT if state is None else Inbound(None, None, state[0], state[1])
+        return NO_CONTEXT if state is None else Inbound(None, None, state[0], state[1], None, True)
     if len(parts) > 4:
         return NO_CONTEXT
     trace, span = trace_id(parts[0]), span_id(parts[1])
@@ -194,7 +197,7 @@ def parse_b3_single(value: str) -> Inbound:
         sampled, debug = state
     if len(parts) == 4 and span_id(parts[3]) is None:
         return NO_CONTEXT
-    return Inbound(trace, span, sampled, debug)
+    return Inbound(trace, span, sampled, debug, None, True)
 
 
 def parse_traceparent(value: str) -> tuple[str, str, str] | None:
@@ -257,3 +260,82 @@ def _from_traceparent(get, sampled: str | None, debug: bool) -> Inbound:
 def traceparent(trace: str, span: str, sampled: str) -> str:
     """The W3C ``traceparent`` of a hop (a 64-bit B3 trace id is zero-padded to 128)."""
     return f"00-{trace:0>32}-{span}-{'01' if sampled == '1' else '00'}"
+
+
+def b3_single(trace: str, span: str, sampled: str, debug: bool, parent: str | None) -> str:
+    """The single ``b3`` header of a hop: ``{trace}-{span}-{1|0|d}[-{parent}]``."""
+    state = "d" if debug else sampled
+    return f"{trace}-{span}-{state}-{parent}" if parent else f"{trace}-{span}-{state}"
+
+
+class Attempt:
+    """One upstream attempt of a recorded trace: its span id (the one sent upstream),
+    the endpoint, when it started and ended (Unix ns), and how it ended (``status``, or
+    ``failure``: what went wrong before an answer)."""
+
+    __slots__ = ("end_ns", "endpoint", "failure", "span_id", "start_ns", "status")
+
+    def __init__(self, span: str, endpoint, start_ns: int) -> None:
+        self.span_id = span
+        self.endpoint = endpoint
+        self.start_ns = start_ns
+        self.end_ns = 0
+        self.status = 0
+        self.failure: str | None = None
+
+
+class Trace:
+    """One request's trace, kept on its exchange.
+
+    ``trace_id`` is what goes upstream (the caller's, or a new one), ``caller_span`` the
+    caller's span (``None``: the trace starts here), ``sampled`` ``"1"`` or ``"0"``.
+    When the request's spans are recorded (tracing enabled and sampled), ``span_id`` is
+    the gateway's own span, a child of the caller's and the parent of every attempt,
+    ``start_ns`` when it began and ``attempts`` one :class:`Attempt` per try; otherwise
+    ``span_id`` is ``None`` and ``attempts`` is ``None``, and each hop's parent is the
+    caller's span, as when the gateway is not there.
+    """
+
+    __slots__ = (
+        "attempts",
+        "caller_span",
+        "debug",
+        "sampled",
+        "single",
+        "span_id",
+        "start_ns",
+        "trace_id",
+        "tracestate",
+    )
+
+    def __init__(self, inbound: Inbound, trace: str, sampled: str, record: bool) -> None:
+        self.trace_id = trace
+        self.caller_span = inbound.span_id
+        self.sampled = sampled
+        self.debug = inbound.debug
+        self.tracestate = inbound.tracestate
+        self.single = inbound.single
+        if record:
+            self.span_id: str | None = new_span_id()
+            self.start_ns = time_ns()
+            self.attempts: list[Attempt] | None = []
+        else:
+            self.span_id = None
+            self.start_ns = 0
+            self.attempts = None
+
+    @property
+    def hop_parent(self) -> str | None:
+        """The parent of an upstream hop's span: the gateway's span when recorded, else
+        the caller's (``None``: none)."""
+        return self.span_id or self.caller_span
+
+    def attempt_ended(self, status: int, failure: str | None = None) -> None:
+        """Close the current attempt (a recorded trace only)."""
+        attempts = self.attempts
+        if attempts:
+            last = attempts[-1]
+            if not last.end_ns:
+                last.end_ns = time_ns()
+                last.status = status
+                last.failure = failure

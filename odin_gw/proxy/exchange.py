@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from ..mesh.tracing import new_request_id
 
 if TYPE_CHECKING:
+    from ..mesh.tracing import Trace
     from .trust import Forwarding
+
+#: The exchange the current request thread serves (set by the first before_request
+#: hook): JSON log lines written while it runs carry its request and trace ids.
+CURRENT: ContextVar[Exchange | None] = ContextVar("odin_exchange", default=None)
 
 _ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:+/="
 
@@ -34,6 +40,7 @@ class Exchange:
         "status",
         "target",
         "timeout",
+        "trace",
     )
 
     def __init__(self, environ: dict) -> None:
@@ -66,6 +73,8 @@ class Exchange:
         self.error_kind: str | None = None
         # Filled by the mesh header injectors' before_request hook; sent upstream.
         self.mesh_headers: list[tuple[str, str]] = []
+        # The request's trace (odin_gw.mesh.tracing.Trace), set by the trace injector.
+        self.trace: Trace | None = None
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

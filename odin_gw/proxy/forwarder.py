@@ -23,6 +23,7 @@ from urllib3.exceptions import (
     SSLError,
 )
 
+from .. import decision_log
 from ..errors import (
     NoHealthyTarget,
     ServiceOverloaded,
@@ -168,6 +169,9 @@ class Forwarder:
             dict(getattr(gateway, "policies", None) or {})
         )
         self._panic_logged: dict[str, float] = {}  # route -> when panic was last logged
+        # logging.level: debug explains every pick (decided once: the level is set when
+        # the worker starts).
+        self.explain = decision_log.enabled()
 
     def use_policies(self, policies: Mapping[str, ServicePolicy]) -> None:
         """Apply new compiled policies (only routes that have one); requests in flight
@@ -266,6 +270,11 @@ class Forwarder:
         panicked = False
         fresh = False  # after a stale keep-alive: a new connection, not another pooled one
         again = False  # an answer retry may go back to an endpoint tried already
+        # The request's trace when its spans are recorded: each attempt's end is noted.
+        recorded = exchange.trace
+        if recorded is not None and recorded.attempts is None:
+            recorded = None
+        explain = self.explain
         while True:
             if endpoint is None:
                 pick = balancer.select(candidates, everyone, tried, available, threshold)
@@ -275,6 +284,16 @@ class Forwarder:
                     # balances again): any of them, as Linkerd's retries do.
                     pick = balancer.select(candidates, everyone, (), available, threshold)
                     endpoint = pick.endpoint
+                if explain:
+                    decision_log.explain(
+                        route,
+                        exchange.request_id,
+                        exchange.retries + 1,
+                        pick,
+                        candidates,
+                        everyone,
+                        tried,
+                    )
                 if pick.panic and not panicked:
                     panicked = True
                     gateway.metrics.panic.labels(route.service).inc()
@@ -318,6 +337,8 @@ class Forwarder:
             except TransportError as exc:
                 balancer.finished(endpoint)
                 failure = exc.failure
+                if recorded is not None:
+                    recorded.attempt_ended(0, failure.value)
                 if ticket:
                     if failure is Failure.STALE:  # the endpoint never saw it
                         breakers.release(endpoint.key, ticket)
@@ -372,6 +393,8 @@ class Forwarder:
                 exchange.error_kind = getattr(exc, "code", None) or "internal_error"
                 raise
             status = resp.status
+            if recorded is not None:
+                recorded.attempt_ended(status)
             health.answered(endpoint.key, status)
             if ticket:
                 breakers.record(endpoint.key, status not in GATEWAY_FAILURES, ticket)

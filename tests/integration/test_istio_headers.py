@@ -113,7 +113,9 @@ def test_single_b3_header_with_debug(gw):
     _, seen = send(gw, f"b3: {TRACE}-{SPAN}-d-0020000000000001")
     trace, span = assert_hop(seen, "1")
     assert trace == TRACE and seen["x-b3-parentspanid"] == SPAN and span != SPAN
-    assert seen["x-b3-flags"] == "1" and "b3" not in seen
+    assert seen["x-b3-flags"] == "1"
+    # Sent on in the form it came in too, consistent with the multi headers.
+    assert seen["b3"] == f"{TRACE}-{span}-d-{SPAN}"
 
 
 def test_64_bit_trace_id_is_accepted(gw):

@@ -183,14 +183,14 @@ def test_span_id(value, expected):
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        (f"{TRACE}-{SPAN}", Inbound(TRACE, SPAN)),
-        (f"{TRACE}-{SPAN}-1", Inbound(TRACE, SPAN, "1")),
-        (f"{TRACE}-{SPAN}-0-{PARENT}", Inbound(TRACE, SPAN, "0")),
-        (f"{TRACE}-{SPAN}-d", Inbound(TRACE, SPAN, "1", True)),
-        (f"{SPAN}-{SPAN}-1", Inbound(SPAN, SPAN, "1")),
-        ("0", Inbound(None, None, "0")),
-        ("1", Inbound(None, None, "1")),
-        ("d", Inbound(None, None, "1", True)),
+        (f"{TRACE}-{SPAN}", Inbound(TRACE, SPAN, single=True)),
+        (f"{TRACE}-{SPAN}-1", Inbound(TRACE, SPAN, "1", single=True)),
+        (f"{TRACE}-{SPAN}-0-{PARENT}", Inbound(TRACE, SPAN, "0", single=True)),
+        (f"{TRACE}-{SPAN}-d", Inbound(TRACE, SPAN, "1", True, single=True)),
+        (f"{SPAN}-{SPAN}-1", Inbound(SPAN, SPAN, "1", single=True)),
+        ("0", Inbound(None, None, "0", single=True)),
+        ("1", Inbound(None, None, "1", single=True)),
+        ("d", Inbound(None, None, "1", True, single=True)),
         ("x", NO_CONTEXT),
         (f"{TRACE}-{SPAN}-2", NO_CONTEXT),
         (f"{TRACE}-{SPAN}-1-{PARENT}-x", NO_CONTEXT),
@@ -279,7 +279,7 @@ TP = f"00-{W3C_TRACE}-{W3C_PARENT}-01"
         # The single header is read first, as Envoy does; invalid, it starts a new trace.
         (
             {"b3": f"{TRACE}-{SPAN}-0", "x_b3_traceid": PARENT * 2, "x_b3_spanid": PARENT},
-            Inbound(TRACE, SPAN, "0"),
+            Inbound(TRACE, SPAN, "0", single=True),
         ),
         ({"b3": "bogus", "x_b3_traceid": TRACE, "x_b3_spanid": SPAN}, NO_CONTEXT),
         # traceparent when no B3 came; its tracestate with it.
@@ -310,7 +310,7 @@ TP = f"00-{W3C_TRACE}-{W3C_PARENT}-01"
                 "traceparent": f"00-{'0' * 16}{W3C_TRACE[16:]}-{W3C_PARENT}-01",
                 "tracestate": "a=1",
             },
-            Inbound(W3C_TRACE[16:], SPAN, None, False, "a=1"),
+            Inbound(W3C_TRACE[16:], SPAN, None, False, "a=1", single=True),
         ),
         ({"tracestate": "a=1"}, NO_CONTEXT),
     ],
