@@ -17,10 +17,11 @@ $(STAMP): requirements.txt requirements-dev.txt setup.cfg
 run: $(STAMP)
 	examples/demo/run.sh
 
-## test: set up and run the whole suite (installs Debian's redis-server for the rate-limit tests)
+## test: set up and run the whole suite (installs Debian's redis-server for the rate-limit
+## tests and chromium for the dashboard's browser tests)
 test: $(STAMP)
-	@command -v redis-server >/dev/null 2>&1 || \
-		(apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
+	@command -v redis-server >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq redis-server chromium >/dev/null)
 	$(PY) -m pytest
 
 unit: $(STAMP)

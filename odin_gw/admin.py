@@ -7,6 +7,9 @@ import os
 
 from flask import Blueprint, current_app, jsonify, request
 
+from .admin_openapi import openapi_view
+from .admin_stats import stats_view
+from .dashboard import PUBLIC_ENDPOINTS, asset_view, dashboard_view
 from .errors import GatewayError
 from .mesh.snapshot import Endpoint
 from .reload import reload_view
@@ -15,6 +18,11 @@ from .tap import tap_view
 admin_bp = Blueprint("admin", __name__, url_prefix="/admin")
 admin_bp.add_url_rule("/tap", "tap", tap_view, methods=["GET"])  # odin_gw/tap.py
 admin_bp.add_url_rule("/reload", "reload", reload_view, methods=["GET", "POST"])
+admin_bp.add_url_rule("/stats", "stats", stats_view, methods=["GET"])  # odin_gw/admin_stats.py
+admin_bp.add_url_rule("/openapi.json", "openapi", openapi_view, methods=["GET"])
+# The dashboard (odin_gw/dashboard.py): page and files need no token, they hold no data.
+admin_bp.add_url_rule("/", "dashboard", dashboard_view, methods=["GET"])
+admin_bp.add_url_rule("/ui/<path:name>", "dashboard_asset", asset_view, methods=["GET"])
 
 
 class AdminDenied(GatewayError):
@@ -36,6 +44,8 @@ def _authorize() -> None:
     token = current_app.extensions["odin"].config.admin.token
     if not token:
         raise AdminDenied("admin API disabled: set admin.token to enable it")
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return  # the dashboard's page and files; the data it reads needs the token
     if not bearer_matches(request.headers.get("Authorization", ""), token):
         raise AdminUnauthorized("missing or wrong admin bearer token")
 
@@ -113,7 +123,7 @@ class UnknownService(GatewayError):
     code = "unknown_service"
 
 
-@admin_bp.get("/services/<name>")
+@admin_bp.get("/services/<path:name>")
 def service(name: str):
     """One service as ``/admin/services`` shows it, plus its mesh route policy: where it
     comes from, its routes (first match wins), the annotations, what was wrong."""
@@ -230,7 +240,8 @@ def refresh():
     return response
 
 
-@admin_bp.route("/", defaults={"rest": ""}, methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+# GET /admin/ is the dashboard.
+@admin_bp.route("/", defaults={"rest": ""}, methods=["POST", "PUT", "DELETE", "PATCH"])
 @admin_bp.route("/<path:rest>", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
 def unknown(rest: str):
     from .errors import RouteNotFound

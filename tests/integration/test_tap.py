@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.support.gateway import ADMIN_TOKEN, GatewayProcess, one_session_per_worker
+from tests.support.gateway import ADMIN_TOKEN, GatewayProcess, one_session_per_worker, started
 from tests.support.upstream import Upstream
 
 pytestmark = pytest.mark.integration
@@ -50,14 +50,9 @@ def echo():
 
 
 def start(echo, **server) -> GatewayProcess:
-    gw = GatewayProcess(
+    return started(
         tap_config(echo, **server), workers=2, env={"KUBECONFIG": "/nonexistent/kubeconfig"}
     )
-    try:
-        return gw.start()
-    except BaseException:
-        gw.cleanup()
-        raise
 
 
 @pytest.fixture(scope="module")

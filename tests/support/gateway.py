@@ -168,6 +168,17 @@ class GatewayProcess:
         self.cleanup()
 
 
+def started(config: dict, **kwargs) -> GatewayProcess:
+    """A started :class:`GatewayProcess` for a module-scoped fixture (which gets no
+    ``gateway_factory``); cleaned up at once if it fails to start."""
+    gw = GatewayProcess(config, **kwargs)
+    try:
+        return gw.start()
+    except BaseException:
+        gw.cleanup()
+        raise
+
+
 def one_session_per_worker(gw: GatewayProcess, workers: int = 2) -> dict[int, requests.Session]:
     """A kept-alive session per worker pid: a connection stays with the worker that
     accepted it.
