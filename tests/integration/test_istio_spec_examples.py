@@ -18,7 +18,7 @@ from tests.support.upstream import Upstream
 
 pytestmark = pytest.mark.integration
 
-SPEC = os.path.join(os.path.dirname(__file__), "..", "data", "spec")
+SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "spec")
 
 
 def _mesh_type(path: str) -> str | None:
@@ -33,10 +33,10 @@ ISTIO_EXAMPLES = sorted(
 
 def test_the_spec_has_four_istio_examples():
     assert [os.path.basename(p) for p in ISTIO_EXAMPLES] == [
-        "example01.yaml",
-        "example02.yaml",
-        "example10.yaml",
-        "example13.yaml",
+        "basic.yaml",
+        "example1-istio-mtls.yaml",
+        "istio.yaml",
+        "kubernetes-istio-configmap.yaml",
     ]
 
 

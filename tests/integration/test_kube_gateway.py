@@ -23,7 +23,7 @@ from tests.support.upstream import Upstream, mtls_server_context
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 TOKEN = "gw-token-7f3a"
-SPEC = os.path.join(os.path.dirname(__file__), "..", "data", "spec")
+SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "spec")
 NO_KUBE_ENV = {"KUBECONFIG": "/nonexistent/kubeconfig", "KUBERNETES_SERVICE_HOST": ""}
 
 
@@ -205,9 +205,9 @@ LINKERD_EXAMPLES = sorted(
 
 def test_the_spec_has_three_linkerd_examples():
     assert [os.path.basename(p) for p in LINKERD_EXAMPLES] == [
-        "example03.yaml",
-        "example05.yaml",
-        "example11.yaml",
+        "example2-linkerd-tap.yaml",
+        "kubernetes-linkerd.yaml",
+        "linkerd.yaml",
     ]
 
 

@@ -6,7 +6,9 @@ import yaml
 
 from odin_gw.config import ConfigError, format_duration, load_config, parse_config, parse_duration
 
-SPEC = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "data", "spec", "*.yaml")))
+SPEC = sorted(
+    glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "spec", "*.yaml"))
+)
 ENV = {"CONSUL_HTTP_TOKEN": "tok-1", "CONSUL_TOKEN": "tok-2"}
 
 
@@ -37,8 +39,8 @@ def test_every_spec_example_loads(path, tmp_path):
 
 def test_spec_examples_asking_policy_checks():
     assert [os.path.basename(p) for p in SPEC if _asks_policy_check(p)] == [
-        "example02.yaml",
-        "example10.yaml",
+        "example1-istio-mtls.yaml",
+        "istio.yaml",
     ]
 
 
