@@ -16,8 +16,9 @@ Throughput/latency scenario, one target after another (never concurrently):
   split between two backend groups (both nginx), a header rule, a circuit breaker with a
   concurrency cap, and a rate limit set high enough never to refuse (every request
   still pays for the check);
-* ``tracing`` - the same gateway exporting a span pair for every request (sampling 1.0,
-  the worst case) over OTLP/HTTP to a sink in this process that answers 200;
+* ``tracing`` - the same gateway exporting a span pair for every sampled request
+  (``--trace-sample-rate``, default 1.0: the worst case) over OTLP/HTTP to a sink in
+  this process that answers 200;
 
 both Python targets with ``gthread``, 1 worker, 8 threads; each measured with
 8 connections and with 1 connection (wrk if installed, else a Python load
@@ -118,7 +119,7 @@ TRACING = """tracing:
   enabled: true
   endpoint: {endpoint}
   insecure: true
-  sampleRate: 1.0
+  sampleRate: {rate}
 """
 
 
@@ -350,6 +351,7 @@ def start_gateway(
     mesh: str = "none",
     traffic: bool = False,
     tracing: str | None = None,
+    trace_rate: float = 1.0,
 ) -> tuple[Child, int]:
     port = free_port()
     config = tmp / f"{label}.yaml"
@@ -364,7 +366,7 @@ def start_gateway(
                 TRAFFIC_SERVICE.format(target=f"http://{HOST}:{upstream_port}") if traffic else ""
             )
             + (ISTIO_MESH if mesh == "istio" else "")
-            + (TRACING.format(endpoint=tracing) if tracing else ""),
+            + (TRACING.format(endpoint=tracing, rate=trace_rate) if tracing else ""),
         )
     )
     # TMPDIR: whatever the gateway keeps in the temp dir (its per-port state dir,
@@ -563,7 +565,14 @@ def throughput_scenario(args: argparse.Namespace, tmp: Path, cleanup: list[Child
             tmp, "traffic", "bench", "/bench", nginx_port, sized=True, traffic=True
         ),
         "tracing": lambda: start_gateway(
-            tmp, "tracing", "bench", "/bench", nginx_port, sized=True, tracing=sink().endpoint
+            tmp,
+            "tracing",
+            "bench",
+            "/bench",
+            nginx_port,
+            sized=True,
+            tracing=sink().endpoint,
+            trace_rate=args.trace_sample_rate,
         ),
     }
     sinks: list[OtlpSink] = []
@@ -763,6 +772,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " metrics on) in the same rounds, against the same floor",
     )
     p.add_argument("--duration", type=float, default=5.0, help="seconds per measured run (5)")
+    p.add_argument(
+        "--trace-sample-rate",
+        type=float,
+        default=1.0,
+        help="tracing.sampleRate of the 'tracing' target (1.0)",
+    )
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before each run (1)")
     p.add_argument(
         "--rounds",

@@ -34,7 +34,7 @@ class TracingConfig:
     ca_file: str | None = None
     timeout: float = 10.0
     max_queue_size: int = 2048
-    batch_size: int = 512
+    batch_size: int = 64
     schedule_delay: float = 1.0
 
 
@@ -57,7 +57,7 @@ class TracingSchema(Section):
         data_key="maxQueueSize", load_default=2048, validate=validate.Range(64, 1_000_000)
     )
     batch_size = fields.Integer(
-        data_key="batchSize", load_default=512, validate=validate.Range(1, 10_000)
+        data_key="batchSize", load_default=64, validate=validate.Range(1, 10_000)
     )
     schedule_delay = Duration(data_key="scheduleDelay", load_default=1.0)
 
