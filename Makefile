@@ -10,6 +10,9 @@ $(STAMP): requirements.txt requirements-dev.txt setup.cfg
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	@# xds-protos ships an old copy of opentelemetry-proto's modules (same paths): whichever
+	@# installs last wins, and the OTLP exporter needs its own. Reinstall it last.
+	$(PY) -m pip install --quiet --force-reinstall --no-deps "$$(grep '^opentelemetry-proto==' requirements.txt)"
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

@@ -87,9 +87,7 @@ class Tracer:
         self, cfg: TracingConfig, metrics, mesh_kind: str, exporter: SpanExporter | None = None
     ) -> None:
         if exporter is None:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            exporter = OTLPSpanExporter(
+            exporter = _otlp_exporter_class()(
                 endpoint=cfg.endpoint,
                 certificate_file=cfg.ca_file,
                 headers=dict(cfg.headers),
@@ -224,6 +222,23 @@ class Tracer:
         closer.join(timeout)
         if closer.is_alive():
             log.warning("tracing: spans still queued after %.1fs at exit are lost", timeout)
+
+
+def _otlp_exporter_class():
+    """The SDK's OTLP/HTTP span exporter class; a clear error when its protobuf modules
+    are not the ones it was built with."""
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError as exc:
+        # xds-protos ships an older copy of opentelemetry-proto's modules at the same
+        # paths; installed after opentelemetry-proto, it replaces them.
+        raise RuntimeError(
+            f"tracing: the OTLP exporter cannot be loaded ({exc}); opentelemetry-proto's "
+            "modules were replaced by another package's older copy (xds-protos ships one). "
+            "Reinstall it last: pip install --force-reinstall --no-deps "
+            "opentelemetry-proto==<the version in requirements.txt>"
+        ) from None
+    return OTLPSpanExporter
 
 
 def _trace_state(value: str | None) -> TraceState | None:

@@ -258,3 +258,18 @@ def test_refused_exports_are_counted_as_lost():
     t.close()
     assert counter(metrics, "odin_tracing_spans_dropped_total", reason="export_failed") == 2
     assert counter(metrics, "odin_tracing_spans_exported_total") == 0
+
+
+def test_the_otlp_exporter_loads_with_the_installed_protobuf_modules():
+    """xds-protos ships an older copy of opentelemetry-proto's modules at the same paths;
+    the install must leave the exporter's own (make test reinstalls it last)."""
+    from opentelemetry.proto.common.v1 import common_pb2
+
+    assert hasattr(common_pb2, "InstrumentationScope")
+    t = Tracer(
+        TracingConfig(enabled=True, endpoint="http://127.0.0.1:9/v1/traces"),
+        GatewayMetrics(),
+        "none",
+    )
+    assert type(t.exporter.inner).__name__ == "OTLPSpanExporter"
+    t.close()
