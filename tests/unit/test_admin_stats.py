@@ -136,18 +136,30 @@ def test_every_label_combination_is_folded():
         (("method", "GET"), ("service", "a"), ("status_class", "2xx")): 7.0,
         (("method", "POST"), ("service", "a"), ("status_class", "2xx")): 3.0,
         (("method", "GET"), ("service", "a"), ("status_class", "5xx")): 2.0,
+        (("method", "POST"), ("service", "a"), ("status_class", "5xx")): 1.0,
         (("method", "GET"), ("service", "a"), ("status_class", "1xx")): 1.0,
         (("method", "GET"), ("service", "b"), ("status_class", "other")): 1.0,
         (("method", "GET"), ("service", "-"), ("status_class", "5xx")): 50.0,
     }
     doc = request_stats(totals, ["a", "c"])
     assert doc["services"]["a"] == {
-        "requests": 13,
-        "errors": 2,
-        "byStatusClass": {"1xx": 1, "2xx": 10, "3xx": 0, "4xx": 0, "5xx": 2},
+        "requests": 14,
+        "errors": 3,  # 5xx of every method added up
+        "byStatusClass": {"1xx": 1, "2xx": 10, "3xx": 0, "4xx": 0, "5xx": 3},
     }
     assert doc["services"]["b"]["requests"] == 1 and doc["services"]["b"]["errors"] == 0
     assert doc["services"]["b"]["byStatusClass"]["other"] == 1
     assert doc["services"]["c"]["requests"] == 0
     assert "-" not in doc["services"]
-    assert doc["total"] == {"requests": 14, "errors": 2}
+    assert doc["total"] == {"requests": 15, "errors": 3}
+
+
+def test_samples_without_labels_count_as_unrouted_or_other():
+    doc = request_stats({(("service", "a"),): 2.0, (("status_class", "5xx"),): 9.0})
+    assert doc["services"] == {
+        "a": {
+            "requests": 2,
+            "errors": 0,
+            "byStatusClass": {"2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0, "other": 2},
+        }
+    }

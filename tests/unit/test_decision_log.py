@@ -108,3 +108,10 @@ def test_nothing_left_and_panic(route, lines):
     assert panic.endswith(
         f"-> {C.key} (panic mode: 0 of 2 healthy, below panicThreshold; round-robin over all)"
     )
+
+
+def test_a_failing_check_without_a_reason(route, lines):
+    silent = Endpoint("10.0.0.5", 80, check=EndpointCheck("failing", 1.0, None))
+    decision_log.explain(route, "rid-6", 1, Pick(A, False), (A,), (A, silent), [])
+    (line,) = lines()
+    assert line.endswith(f"skipped {silent.key}: active health check failing")
