@@ -21,6 +21,7 @@ from odin_gw.dashboard import CONTENT_SECURITY_POLICY
 from tests.doubles.consul import ConsulDouble
 from tests.doubles.pki import CertificateAuthority, consul_service_uri
 from tests.integration.consul_helpers import MeshBackend, Traffic, consul_config
+from tests.integration.test_tap import tap_config
 from tests.support.gateway import ADMIN_TOKEN, one_session_per_worker
 from tests.support.raw_client import exchange
 from tests.support.upstream import Upstream
@@ -214,22 +215,7 @@ def test_live_tap_streams_events_and_stops(gateway_factory, page, tmp_path):
 
     with Upstream("echo") as echo:
         gw = gateway_factory(
-            {
-                "serviceMesh": {
-                    "enabled": True,
-                    "type": "linkerd",
-                    "namespace": "shop",
-                    "readyGracePeriod": 0,
-                    "kubeconfig": None,  # outside a cluster: routes on static targets
-                    "linkerd": {"enableTap": True, "maxTaps": 2},
-                },
-                "services": [
-                    {"name": "orders", "basePath": "/orders", "targets": [echo.url]},
-                    {"name": "pay", "basePath": "/pay", "targets": [echo.url]},
-                ],
-            },
-            workers=2,
-            env={"KUBECONFIG": "/nonexistent/kubeconfig"},
+            tap_config(echo), workers=2, env={"KUBECONFIG": "/nonexistent/kubeconfig"}
         )
         sign_in(page, gw)
         expect(page.locator("#tap-tab")).to_be_visible()

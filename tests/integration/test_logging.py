@@ -28,6 +28,19 @@ def json_lines(log: str) -> list[dict]:
     return out
 
 
+def dead_and_alive(dead: str, upstream, **extra) -> dict:
+    """Service ``web``: a target that refuses connections, then a live one, round robin
+    with retries (so some request meets the dead one first)."""
+    return {
+        "name": "web",
+        "basePath": "/web",
+        "targets": [dead, upstream.url],
+        "loadBalancing": "round-robin",
+        "retries": 2,
+        **extra,
+    }
+
+
 def wait_for(gw, check, timeout: float = 5.0):
     deadline = time.monotonic() + timeout
     while True:
@@ -39,20 +52,7 @@ def wait_for(gw, check, timeout: float = 5.0):
 
 def test_json_lines_carry_request_and_trace_ids(gateway_factory, upstream):
     dead = f"http://127.0.0.1:{free_port()}"
-    gw = gateway_factory(
-        {
-            "services": [
-                {
-                    "name": "web",
-                    "basePath": "/web",
-                    "targets": [dead, upstream.url],
-                    "loadBalancing": "round-robin",
-                    "retries": 2,
-                }
-            ],
-            "logging": {"json": True},
-        }
-    )
+    gw = gateway_factory({"services": [dead_and_alive(dead, upstream)], "logging": {"json": True}})
     ids = set()
     for _ in range(3):  # round robin: one of the first two requests meets the dead target
         r = requests.get(
@@ -82,21 +82,10 @@ def test_json_lines_carry_request_and_trace_ids(gateway_factory, upstream):
 
 def test_debug_explains_each_pick_and_every_skip(gateway_factory, upstream):
     dead = f"http://127.0.0.1:{free_port()}"
-    gw = gateway_factory(
-        {
-            "services": [
-                {
-                    "name": "web",
-                    "basePath": "/web",
-                    "targets": [dead, upstream.url],
-                    "loadBalancing": "round-robin",
-                    "retries": 2,
-                    "passiveHealth": {"consecutiveFailures": 1, "ejectFor": "30s"},
-                }
-            ],
-            "logging": {"level": "debug"},
-        }
+    service = dead_and_alive(
+        dead, upstream, passiveHealth={"consecutiveFailures": 1, "ejectFor": "30s"}
     )
+    gw = gateway_factory({"services": [service], "logging": {"level": "debug"}})
     for _ in range(4):
         assert requests.get(gw.url + "/web/x", timeout=5).status_code == 200
 
