@@ -25,6 +25,7 @@ from tests.doubles.consul import ConsulDouble
 from tests.doubles.kube_apiserver import KubeApiServerDouble, SliceEndpoint
 from tests.doubles.pki import CertificateAuthority
 from tests.integration.consul_helpers import consul_config, eventually
+from tests.integration.test_istio_sidecar import istio_sidecar_config
 from tests.support.gateway import ADMIN_TOKEN, started
 from tests.support.upstream import Upstream, free_port
 from tests.unit.test_admin_openapi import AnswerChecker
@@ -197,19 +198,12 @@ def linkerd_gw(upstreams):
 @pytest.fixture(scope="module")
 def istio_gw(upstreams):
     a, _ = upstreams
-    config = {
-        "serviceMesh": {
-            "enabled": True,
-            "type": "istio",
-            "namespace": "shop",
-            "readyGracePeriod": "0s",
-            "istio": {"pilotAddr": "127.0.0.1:9", "injectSidecar": True},
-        },
-        "services": [
+    config = istio_sidecar_config(
+        [
             {"name": "web", "basePath": "/web", "port": 8080},
             {"name": "app", "basePath": "/app", "targets": [a.url]},
-        ],
-    }
+        ]
+    )
     gw = started(config, workers=1)
     yield gw
     gw.cleanup()

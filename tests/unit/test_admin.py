@@ -7,22 +7,15 @@ import pytest
 from odin_gw.admin import bearer_matches
 from odin_gw.app import create_app
 from odin_gw.config import build_config
+from tests.unit.conftest import admin_app
 
 TOKEN = "s3cret-admin-token-42"
 
 
 @pytest.fixture(scope="module")
 def client():
-    config = build_config(
-        {
-            "admin": {"token": TOKEN},
-            "services": [{"name": "web", "basePath": "/web", "targets": ["http://127.0.0.1:9"]}],
-        },
-        env={},
-    )
-    app = create_app(config, start=False)
-    yield app.test_client()
-    app.extensions["odin"].stop()
+    with admin_app(TOKEN) as app:
+        yield app.test_client()
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from referencing.jsonschema import DRAFT202012
 from odin_gw.admin_openapi import BODY, DOCUMENT, load_document
 from odin_gw.app import create_app
 from odin_gw.config import build_config
+from tests.unit.conftest import admin_app
 
 TOKEN = "unit-admin-token-3f9c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -98,16 +99,8 @@ def checker() -> AnswerChecker:
 
 @pytest.fixture(scope="module")
 def app():
-    config = build_config(
-        {
-            "admin": {"token": TOKEN},
-            "services": [{"name": "web", "basePath": "/web", "targets": ["http://127.0.0.1:9"]}],
-        },
-        env={},
-    )
-    app = create_app(config, start=False)
-    yield app
-    app.extensions["odin"].stop()
+    with admin_app(TOKEN) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")

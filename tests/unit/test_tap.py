@@ -12,8 +12,6 @@ import time
 
 import pytest
 
-from odin_gw.app import create_app
-from odin_gw.config import build_config
 from odin_gw.errors import BadRequest
 from odin_gw.proxy.exchange import Exchange
 from odin_gw.tap import (
@@ -27,6 +25,7 @@ from odin_gw.tap import (
 )
 from odin_gw.tap_hub import TapHub
 from odin_gw.tap_stream import TapBuffer, client_gone
+from tests.unit.conftest import admin_app
 
 TOKEN = "tap-admin-token-0123"
 
@@ -342,16 +341,8 @@ def test_client_gone():
 # -- the view ---------------------------------------------------------------------------------
 @pytest.fixture
 def app():
-    config = build_config(
-        {
-            "admin": {"token": TOKEN},
-            "services": [{"name": "web", "basePath": "/web", "targets": ["http://127.0.0.1:9"]}],
-        },
-        env={},
-    )
-    app = create_app(config, start=False)
-    yield app
-    app.extensions["odin"].stop()
+    with admin_app(TOKEN) as app:
+        yield app
 
 
 def get(client, query="", token=TOKEN, **kw):
